@@ -1,0 +1,87 @@
+"""The app factory: settings → store → KeyAuth → Flask-RESTX namespaces."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from keys import KeyAuth, open_store
+from keys.exc import ConfigError
+from keys.store import SCHEMA_VERSION, KeyStore
+
+from .config import Settings, load_settings
+from .problems import ProblemApi, register_problem_handlers
+
+AUTHORIZATIONS = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "API-Key"},
+    "token": {"type": "apiKey", "in": "query", "name": "token"},
+}
+
+_NO_STORE_STATUSES = {401, 403, 429}
+
+
+def open_checked_store(settings: Settings) -> KeyStore:
+    """The configured store, refusing to serve from one that ``init`` has not prepared."""
+    store = open_store(settings.database_url)
+    version = store.schema_version()
+    if version < SCHEMA_VERSION:
+        store.close()
+        what = "is not initialised" if version == 0 else f"is at schema version {version}"
+        raise ConfigError(
+            f"KEYGATE_DATABASE_URL: the key store {what}; run `python manage.py init` first"
+        )
+    return store
+
+
+def _security_headers(resp: Response) -> Response:
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    if resp.status_code in _NO_STORE_STATUSES or g.get("principal") is not None:
+        resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | None = None) -> Flask:
+    """Build the keygate WSGI app.
+
+    ``config`` overrides environment settings by name without the ``KEYGATE_``
+    prefix (``{"DATABASE_URL": "memory://"}``); other upper-case keys go to
+    ``app.config``. ``store`` injects an already-open store (tests, embedding).
+    """
+    config = dict(config or {})
+    settings = load_settings(config)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_keys[0],
+        RESTX_MASK_SWAGGER=False,
+        ERROR_INCLUDE_MESSAGE=False,
+        RESTX_ERROR_404_HELP=False,
+        JSON_SORT_KEYS=False,
+    )
+    app.config.update({k: v for k, v in config.items() if k.isupper()})
+    app.extensions["keygate.settings"] = settings
+    if settings.trusted_proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
+
+    auth = KeyAuth(app, store=store or open_checked_store(settings))
+
+    api = ProblemApi(
+        app,
+        version="1.0",
+        title="keygate",
+        description="A JSON API secured by API keys. Authorize with a key (API-Key header) "
+        "or, on /data, a short-lived query token.",
+        doc="/docs",
+        authorizations=AUTHORIZATIONS,
+    )
+    from .namespaces import health, pages
+
+    api.add_namespace(health.ns)
+    for ns in pages.namespaces(auth):
+        api.add_namespace(ns)
+
+    register_problem_handlers(app)
+    app.after_request(_security_headers)
+    return app

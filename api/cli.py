@@ -1,0 +1,221 @@
+"""The ``manage.py`` command line: issue, inspect and revoke keys; run the server.
+
+Errors are one line on stderr and a non-zero exit (1 for a refused operation,
+2 for bad usage, as click does) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+
+from keys import (
+    KeygateError,
+    KeyRecord,
+    find_by_plaintext,
+    get_key,
+    issue_key,
+    open_store,
+    revoke_key,
+)
+from keys.exc import InvalidRequest
+from keys.parse import parse_duration
+from keys.scopes import ADMIN, ALL_SCOPES
+from keys.store import KeyStore
+
+from .config import load_settings
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class Cli(click.Group):
+    """Turns every expected failure into one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvalidRequest as e:
+            fail(e.detail, 2)
+        except KeygateError as e:
+            fail(e.detail)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as e:  # a last resort: still no traceback for the user
+            fail(f"unexpected {type(e).__name__}: {e}")
+
+
+def _store(*, checked: bool = True) -> KeyStore:
+    settings = load_settings()
+    if checked:
+        from .app import open_checked_store
+
+        return open_checked_store(settings)
+    return open_store(settings.database_url)
+
+
+def _duration(field: str) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
+    def convert(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse_duration(value, field)
+        except InvalidRequest as e:
+            raise click.BadParameter(e.detail) from None
+
+    return convert
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _describe(record: KeyRecord) -> str:
+    m = record.metadata()
+    lines = [f"{k:>13}: {'-' if v is None or v == [] else (', '.join(v) if isinstance(v, list) else v)}"
+             for k, v in m.items()]
+    return "\n".join(lines)
+
+
+def _show_new_key(plaintext: str, record: KeyRecord, as_json: bool, **extra: Any) -> None:
+    if as_json:
+        _emit_json({**record.metadata(), **extra, "key": plaintext})
+        return
+    click.echo(f"Created key {record.id} ({record.name}), scopes: {' '.join(record.scopes)}", err=True)
+    click.echo("Store it now; it will not be shown again:", err=True)
+    click.echo(plaintext)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """keygate: API keys for a Flask-RESTX service."""
+
+
+@cli.command()
+@click.option("--no-admin-key", is_flag=True, help="Do not create an admin key in an empty store.")
+@json_option
+def init(no_admin_key: bool, as_json: bool) -> None:
+    """Create or upgrade the key store; safe to repeat.
+
+    In a store with no keys at all, also creates an admin key and prints it once.
+    """
+    store = _store(checked=False)
+    version = store.migrate()
+    issued = None
+    if not no_admin_key and store.count() == 0:
+        issued = issue_key(store, name="admin", scopes=[ADMIN])
+    if as_json:
+        _emit_json({
+            "schema_version": version,
+            "admin_key": None if issued is None else {**issued.record.metadata(), "key": issued.plaintext},
+        })
+        return
+    click.echo(f"Key store ready at schema version {version}.", err=True)
+    if issued is not None:
+        click.echo(f"The store was empty: created admin key {issued.record.id}.", err=True)
+        click.echo("Store it now; it will not be shown again:", err=True)
+        click.echo(issued.plaintext)
+
+
+@cli.command("create-key")
+@click.option("--name", required=True, help="A label for the key's owner or purpose.")
+@click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(ALL_SCOPES),
+              help="A scope the key holds; repeat for several.")
+@click.option("--expires-in", callback=_duration("--expires-in"), help="Lifetime, e.g. 90d.")
+@click.option("--rate-limit", help="e.g. 100/minute (default: KEYGATE_DEFAULT_RATE_LIMIT).")
+@click.option("--allow-ip", "allowed_ips", multiple=True, metavar="CIDR",
+              help="Only accept the key from this block; repeat for several.")
+@json_option
+def create_key(name: str, scopes: Sequence[str], expires_in: int | None, rate_limit: str | None,
+               allowed_ips: Sequence[str], as_json: bool) -> None:
+    """Create a key and print it, once."""
+    store = _store()
+    issued = issue_key(store, name=name, scopes=scopes, expires_in=expires_in,
+                       rate_limit=rate_limit, allowed_ips=allowed_ips)
+    _show_new_key(issued.plaintext, issued.record, as_json)
+
+
+@cli.command("list-keys")
+@json_option
+def list_keys(as_json: bool) -> None:
+    """List every key's metadata (never a secret)."""
+    store = _store()
+    if as_json:
+        # Streamed page by page, so a million keys never sit in memory at once.
+        click.echo("[", nl=False)
+        first, after = True, None
+        while page := store.list(limit=1000, after=after):
+            for record in page:
+                click.echo(("\n  " if first else ",\n  ") + json.dumps(record.metadata()), nl=False)
+                first = False
+            after = page[-1].id
+        click.echo("\n]" if not first else "]")
+        return
+    click.echo(f"{'ID':<12}  {'NAME':<24}  {'SCOPES':<30}  {'STATE':<8}  EXPIRES")
+    after = None
+    import time
+
+    now = time.time()
+    while page := store.list(limit=1000, after=after):
+        for r in page:
+            state = ("revoked" if r.revoked_at is not None and r.revoked_at <= now
+                     else "expired" if r.expires_at is not None and r.expires_at <= now else "active")
+            expires = r.metadata()["expires_at"] or "-"
+            click.echo(f"{r.id:<12}  {r.name[:24]:<24}  {' '.join(r.scopes)[:30]:<30}  {state:<8}  {expires}")
+        after = page[-1].id
+
+
+@cli.command("show-key")
+@click.argument("key_id")
+@json_option
+def show_key(key_id: str, as_json: bool) -> None:
+    """Show one key's metadata."""
+    record = get_key(_store(), key_id)
+    if as_json:
+        _emit_json(record.metadata())
+    else:
+        click.echo(_describe(record))
+
+
+@cli.command("revoke-key")
+@click.argument("key_id", required=False)
+@click.option("--key", "plaintext", metavar="PLAINTEXT",
+              help="Find the key by its value (a leaked key); '-' reads it from stdin.")
+@json_option
+def revoke_key_cmd(key_id: str | None, plaintext: str | None, as_json: bool) -> None:
+    """Revoke a key now, by ID or by its plaintext value. Repeating it is harmless."""
+    if (key_id is None) == (plaintext is None):
+        raise click.UsageError("give either a key ID or --key PLAINTEXT")
+    store = _store()
+    if plaintext is not None:
+        if plaintext == "-":
+            plaintext = sys.stdin.readline().strip()
+        key_id = find_by_plaintext(store, plaintext).id
+    assert key_id is not None
+    record = revoke_key(store, key_id)
+    if as_json:
+        _emit_json(record.metadata())
+    else:
+        click.echo(f"Revoked key {record.id} ({record.name}) at {record.metadata()['revoked_at']}.")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the production server (gunicorn)."""
+    _store().close()  # fail here, in one line, rather than in every worker
+    from .server import serve as run
+
+    click.echo(f"keygate serving on http://{host}:{port} (Swagger UI at /docs)", err=True)
+    run(host, port, workers)

@@ -1,0 +1,122 @@
+"""Settings from ``KEYGATE_*`` environment variables (a ``.env`` file is honoured).
+
+Everything is validated here, at start-up, so a bad value stops the service
+with one line naming the variable instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+
+from keys.exc import ConfigError, InvalidRequest
+from keys.parse import parse_duration, parse_rate_limit
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "KEYGATE_"
+MIN_SECRET_LENGTH = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    secret_keys: tuple[str, ...]
+    ratelimit_storage_url: str | None
+    default_rate_limit: str
+    token_max_ttl: int
+    trusted_proxies: int
+    instance_path: Path
+
+
+def _secret_from_file(instance: Path) -> str:
+    """Read ``instance/secret_key``, creating it (mode 0600) the first time.
+
+    ``O_EXCL`` makes concurrent first starts agree on one secret.
+    """
+    path = instance / "secret_key"
+    try:
+        instance.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"KEYGATE_SECRET_KEY: {path} is readable by others (mode {mode:o}); chmod 600 it")
+        value = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"KEYGATE_SECRET_KEY: cannot read or create {path}: {e.strerror}") from None
+    if not value:  # a writer was killed between create and write
+        raise ConfigError(f"KEYGATE_SECRET_KEY: {path} is empty; delete it to generate a new one")
+    return value
+
+
+def _secret_keys(raw: str | None, instance: Path) -> tuple[str, ...]:
+    if raw is None:
+        return (_secret_from_file(instance),)
+    keys = tuple(part.strip() for part in raw.split(","))
+    if not any(keys):
+        raise ConfigError("KEYGATE_SECRET_KEY is set but empty; unset it to use instance/secret_key")
+    for i, key in enumerate(keys, 1):
+        if len(key) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"KEYGATE_SECRET_KEY: secret #{i} is too weak; use at least {MIN_SECRET_LENGTH} "
+                "random characters (python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+    return keys
+
+
+def _storage_url(raw: str | None) -> str | None:
+    if raw is None or raw == "":
+        return None
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    if scheme not in ("memory", "redis", "rediss", "redis+unix"):
+        raise ConfigError(
+            f"KEYGATE_RATELIMIT_STORAGE_URL: unknown storage {scheme or raw[:30]!r}; use redis://host:port"
+        )
+    return raw
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from ``overrides`` (keys without the prefix), then the environment, then defaults."""
+    load_dotenv(ROOT / ".env", override=False)
+    overrides = dict(overrides or {})
+
+    def get(name: str) -> Any:
+        if name in overrides:
+            return overrides[name]
+        return os.environ.get(PREFIX + name)
+
+    instance = Path(get("INSTANCE_PATH") or ROOT / "instance")
+    database_url = get("DATABASE_URL") or f"sqlite:///{instance / 'keygate.db'}"
+
+    default_rate = get("DEFAULT_RATE_LIMIT") or "600/minute"
+    try:
+        default_rate = str(parse_rate_limit(default_rate, "KEYGATE_DEFAULT_RATE_LIMIT"))
+        max_ttl = parse_duration(get("TOKEN_MAX_TTL") or "24h", "KEYGATE_TOKEN_MAX_TTL")
+    except InvalidRequest as e:
+        raise ConfigError(e.detail) from None
+
+    proxies_raw = str(get("TRUSTED_PROXIES") or "0")
+    if not proxies_raw.isdigit() or int(proxies_raw) > 10:
+        raise ConfigError("KEYGATE_TRUSTED_PROXIES must be the number of proxies in front (0-10)")
+
+    return Settings(
+        database_url=database_url,
+        secret_keys=_secret_keys(get("SECRET_KEY"), instance),
+        ratelimit_storage_url=_storage_url(get("RATELIMIT_STORAGE_URL")),
+        default_rate_limit=default_rate,
+        token_max_ttl=max_ttl,
+        trusted_proxies=int(proxies_raw),
+        instance_path=instance,
+    )

@@ -1,0 +1,137 @@
+"""``KeyAuth``: the Flask extension that turns a credential into ``g.principal``.
+
+    auth = KeyAuth(app, store=open_store(url))
+
+    @auth.require("secret:read")
+    def get(): ...
+
+Credential sources are pluggable (the ``API-Key`` header, a query token, ...).
+Every source is looked at on every request, so a request that carries two
+credentials is refused as ambiguous even where only one kind is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from flask import Flask, Request, g, request
+
+from .exc import InsufficientScope, MissingCredentials, MultipleCredentials
+from .model import Principal
+from .scopes import grants
+from .store.base import KeyStore
+from .verify import check_ip, verify_key
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CredentialSource(ABC):
+    """One place a credential can arrive, and how to check what arrives there."""
+
+    #: Name routes use to say which sources they accept ("header", "token").
+    kind: str
+    #: Human description used in error details ("the API-Key header").
+    description: str
+
+    @abstractmethod
+    def extract(self, req: Request) -> str | None:
+        """The raw credential, or ``None`` when this source is absent."""
+
+    @abstractmethod
+    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
+        """Verify the credential; raise an ``AuthenticationError`` if it is refused."""
+
+
+class HeaderKey(CredentialSource):
+    """An API key in a request header (``API-Key`` by default)."""
+
+    kind = "header"
+
+    def __init__(self, header: str = "API-Key") -> None:
+        self.header = header
+        self.description = f"the {header} header"
+        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
+
+    def extract(self, req: Request) -> str | None:
+        return req.environ.get(self._environ_key)
+
+    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
+        record = verify_key(auth.store, value)
+        return Principal(record.id, record.name, record.scopes, self.kind, record)
+
+
+class KeyAuth:
+    """Flask extension: API-key verification with per-route scope requirements."""
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        store: KeyStore | None = None,
+        sources: Iterable[CredentialSource] | None = None,
+    ) -> None:
+        self.store: KeyStore = store  # type: ignore[assignment]
+        self.sources: list[CredentialSource] = list(sources) if sources is not None else [HeaderKey()]
+        self._after_auth: list[Callable[[Principal], None]] = []
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask, store: KeyStore | None = None) -> None:
+        if store is not None:
+            self.store = store
+        if self.store is None:
+            raise RuntimeError("KeyAuth needs a store: KeyAuth(app, store=...) or init_app(app, store)")
+        app.extensions["keygate"] = self
+
+    def add_source(self, source: CredentialSource) -> None:
+        self.sources.append(source)
+
+    def after_authentication(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
+        """Register ``hook(principal)`` to run once a request is authorised (rate limits, usage)."""
+        self._after_auth.append(hook)
+        return hook
+
+    def authenticate(self, scope: str, accept: tuple[str, ...] = ("header",)) -> Principal:
+        """Authenticate and authorise the current request for ``scope``."""
+        found = [(src, value) for src in self.sources if (value := src.extract(request)) is not None]
+        if not found:
+            wanted = " or ".join(s.description for s in self.sources if s.kind in accept)
+            raise MissingCredentials(f"Send a credential in {wanted}.")
+        if len(found) > 1:
+            raise MultipleCredentials(
+                "Send exactly one credential: " + " or ".join(s.description for s, _ in found) + "."
+            )
+        source, value = found[0]
+        principal = source.authenticate(value, self)
+        check_ip(principal.record, request.remote_addr)
+        g.principal = principal
+        if source.kind not in accept:
+            raise InsufficientScope(f"{source.description} can't open this resource", scope=scope)
+        if not grants(principal.scopes, scope):
+            raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
+        for hook in self._after_auth:
+            hook(principal)
+        return principal
+
+    def require(self, scope: str, *, accept: Iterable[str] = ("header",)) -> Callable[[F], F]:
+        """Decorator: the view runs only for a caller holding ``scope`` via an accepted source."""
+        accepted = tuple(accept)
+
+        def decorator(view: F) -> F:
+            @functools.wraps(view)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                self.authenticate(scope, accepted)
+                return view(*args, **kwargs)
+
+            wrapper.required_scope = scope  # type: ignore[attr-defined]
+            wrapper.accepted_sources = accepted  # type: ignore[attr-defined]
+            return wrapper  # type: ignore[return-value]
+
+        return decorator
+
+
+def current_principal() -> Principal | None:
+    return g.get("principal")

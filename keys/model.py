@@ -1,0 +1,69 @@
+"""What the store keeps about a key, and who a verified caller is."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+
+def isoformat(ts: float | None) -> str | None:
+    """Epoch seconds → ISO 8601 UTC with a ``Z`` (``None`` stays ``None``)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One stored key. Holds the hash of the secret, never the secret.
+
+    Times are epoch seconds (floats): cheap to compare on the hot path and
+    identical on every store backend. ``revoked_at`` may lie in the future:
+    that is a rotation's grace period.
+    """
+
+    id: str
+    name: str
+    key_hash: str
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    last_used_at: float | None = None
+    use_count: int = 0
+    rate_limit: str | None = None
+    allowed_ips: tuple[str, ...] = ()
+    replaces: str | None = None
+    generation: int = 0
+
+    def replace(self, **changes: Any) -> KeyRecord:
+        return dataclasses.replace(self, **changes)
+
+    def metadata(self) -> dict[str, Any]:
+        """The public view: everything but the hash, timestamps as ISO 8601."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": isoformat(self.created_at),
+            "expires_at": isoformat(self.expires_at),
+            "revoked_at": isoformat(self.revoked_at),
+            "last_used_at": isoformat(self.last_used_at),
+            "use_count": self.use_count,
+            "rate_limit": self.rate_limit,
+            "allowed_ips": list(self.allowed_ips),
+            "replaces": self.replaces,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The verified caller of one request, as put on ``flask.g.principal``."""
+
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    via: str  # "header" or "token"
+    record: KeyRecord

@@ -1,0 +1,22 @@
+"""Scrubbing credentials out of text that is about to be logged."""
+
+from __future__ import annotations
+
+import re
+
+# Query parameters that carry credentials, and anything shaped like a key.
+_QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:token|api[-_]?key|key)=)[^&#\s\"]*")
+_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{20,}")
+REDACTED = "[REDACTED]"
+
+
+def redact(text: str) -> str:
+    """``/data?token=abc&x=1`` → ``/data?token=[REDACTED]&x=1``; bare keys likewise."""
+    if not text:
+        return text
+    return _KEY_RE.sub(REDACTED, _QUERY_SECRET_RE.sub(r"\1" + REDACTED, text))
+
+
+def redact_query(query: str) -> str:
+    """Like ``redact`` for a bare query string (no leading ``?``)."""
+    return redact("?" + query)[1:] if query else query
