@@ -1,0 +1,194 @@
+"""Shared fixtures: one store suite over every backend, apps, CLI and real servers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("KEYGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("KEYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("KEYGATE_REQUIRE_SERVICES") == "1"
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def need_service(name: str, host: str, port: int) -> None:
+    """Skip when a service is down on a laptop; fail in CI (KEYGATE_REQUIRE_SERVICES=1)."""
+    if _reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " and KEYGATE_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def secret_key() -> str:
+    return secrets.token_urlsafe(48)
+
+
+BACKENDS = ["memory", "sqlite", "postgresql"]
+
+
+def _pg_engine():  # noqa: ANN202
+    import sqlalchemy as sa
+
+    return sa.create_engine(PG_URL.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+def make_database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty store URL on ``backend``; a PostgreSQL one lives in its own schema."""
+    if backend == "memory":
+        return "memory://"
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'keygate.db'}"
+    need_service("PostgreSQL", "127.0.0.1", 5432)
+    schema = "kg_test_" + uuid.uuid4().hex[:16]
+    engine = _pg_engine()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    engine.dispose()
+
+    def drop() -> None:
+        engine = _pg_engine()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        engine.dispose()
+
+    request.addfinalizer(drop)
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store URL for each backend (not yet initialised)."""
+    return make_database_url(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def store(store_url: str):  # noqa: ANN201
+    """An initialised, empty store on every backend: memory, SQLite, PostgreSQL."""
+    from keys import open_store
+
+    s = open_store(store_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path, secret_key: str) -> dict[str, str]:
+    """Environment for a CLI or server subprocess with its own instance dir and store."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
+    e.update(
+        KEYGATE_INSTANCE_PATH=str(tmp_path / "instance"),
+        KEYGATE_DATABASE_URL=f"sqlite:///{tmp_path / 'instance' / 'keygate.db'}",
+        KEYGATE_SECRET_KEY=secret_key,
+        PYTHONUNBUFFERED="1",
+    )
+    return e
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, secret_key: str) -> None:
+    """In-process code never touches the repo's instance/ or a developer's .env values."""
+    for name in list(os.environ):
+        if name.startswith("KEYGATE_") and name != "KEYGATE_REQUIRE_SERVICES":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("KEYGATE_INSTANCE_PATH", str(tmp_path / "instance"))
+    monkeypatch.setenv("KEYGATE_SECRET_KEY", secret_key)
+
+
+def run_cli(env: dict[str, str], *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python manage.py ARGS`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, input=input, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``manage.py serve`` process; its whole output is kept for inspection."""
+
+    def __init__(self, env: dict[str, str], workers: int = 1, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or Path(env["KEYGATE_INSTANCE_PATH"]).parent / f"server-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(self.port),
+             "--workers", str(workers)],
+            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{self.output()}")
+
+    def get(self, path: str, **kw):  # noqa: ANN201
+        return requests.get(self.url + path, timeout=10, **kw)
+
+    def request(self, method: str, path: str, **kw):  # noqa: ANN201
+        return requests.request(method, self.url + path, timeout=10, **kw)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(env: dict[str, str]):
+    """Factory: ``start_server(workers=1, env=...)`` → a running ``Server``; stopped at teardown."""
+    servers: list[Server] = []
+
+    def start(workers: int = 1, env_overrides: dict[str, str] | None = None) -> Server:
+        e = dict(env)
+        e.update(env_overrides or {})
+        s = Server(e, workers=workers)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
