@@ -9,11 +9,16 @@ from flask import Flask, Response, g
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from keys import KeyAuth, open_store
+from keys.auth import HeaderKey, QueryToken
 from keys.exc import ConfigError
 from keys.store import SCHEMA_VERSION, KeyStore
+from keys.ratelimit import open_limiter
+from keys.tokens import TokenSigner
+from keys.usage import UsageRecorder
 
 from .config import Settings, load_settings
 from .problems import ProblemApi, register_problem_handlers
+from .ratelimits import RateLimits
 
 AUTHORIZATIONS = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "API-Key"},
@@ -65,7 +70,18 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     if settings.trusted_proxies:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
 
-    auth = KeyAuth(app, store=store or open_checked_store(settings))
+    store = store or open_checked_store(settings)
+    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
+    auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)])
+    usage = UsageRecorder(store)
+    auth.on_failure(lambda e: usage.failure(e.code))
+    app.extensions["keygate.usage"] = usage
+    try:
+        limiter = open_limiter(settings.ratelimit_storage_url, settings.instance_path)
+    except OSError as e:
+        raise ConfigError(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}") from None
+    RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
+    app.extensions["keygate.signer"] = signer
 
     api = ProblemApi(
         app,
@@ -76,10 +92,11 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         doc="/docs",
         authorizations=AUTHORIZATIONS,
     )
-    from .namespaces import health, pages
+    from .namespaces import admin_keys, health, pages, tokens
 
     api.add_namespace(health.ns)
-    for ns in pages.namespaces(auth):
+    for ns in [*pages.namespaces(auth), tokens.namespace(auth, signer),
+               *admin_keys.namespaces(auth, usage)]:
         api.add_namespace(ns)
 
     register_problem_handlers(app)

@@ -23,7 +23,10 @@ from keys import (
     revoke_key,
 )
 from keys.exc import InvalidRequest
-from keys.parse import parse_duration
+from keys.issuing import cli_actor, rotate_key
+from keys.model import isoformat
+from keys.parse import format_duration, parse_duration
+from keys.tokens import TokenSigner, mint_token
 from keys.scopes import ADMIN, ALL_SCOPES
 from keys.store import KeyStore
 
@@ -206,6 +209,65 @@ def revoke_key_cmd(key_id: str | None, plaintext: str | None, as_json: bool) -> 
         _emit_json(record.metadata())
     else:
         click.echo(f"Revoked key {record.id} ({record.name}) at {record.metadata()['revoked_at']}.")
+
+
+@cli.command("rotate-key")
+@click.argument("key_id")
+@click.option("--grace", callback=_duration("--grace"),
+              help="Keep the old key working this long (e.g. 1h); default: it stops now.")
+@json_option
+def rotate_key_cmd(key_id: str, grace: int | None, as_json: bool) -> None:
+    """Replace a key with a new one (same name, scopes, limits, allow-list)."""
+    issued = rotate_key(_store(), key_id, grace=grace)
+    if as_json:
+        _emit_json({**issued.record.metadata(), "key": issued.plaintext})
+        return
+    when = f"in {format_duration(grace)}" if grace else "now"
+    click.echo(f"Rotated {key_id} -> {issued.record.id}; the old key stops {when}.", err=True)
+    click.echo("Store the new key now; it will not be shown again:", err=True)
+    click.echo(issued.plaintext)
+
+
+@cli.command("mint-token")
+@click.argument("key_id")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES),
+              help="Narrow the token to this scope; repeat for several (default: the key's).")
+@click.option("--ttl", callback=_duration("--ttl"), help="Lifetime, e.g. 15m (default 15m).")
+@json_option
+def mint_token_cmd(key_id: str, scopes: Sequence[str], ttl: int | None, as_json: bool) -> None:
+    """Mint a short-lived query token (for ?token=) from a key."""
+    settings = load_settings()
+    store = _store()
+    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
+    minted = mint_token(store, signer, get_key(store, key_id), actor=cli_actor(),
+                        scopes=scopes or None, ttl=ttl)
+    if as_json:
+        _emit_json({"token": minted.token, "expires_at": isoformat(minted.expires_at),
+                    "scopes": list(minted.scopes)})
+        return
+    click.echo(f"Token for {key_id} ({' '.join(minted.scopes)}), expires {isoformat(minted.expires_at)}:",
+               err=True)
+    click.echo(minted.token)
+
+
+@cli.command()
+@click.option("--key", "key_id", metavar="ID", help="Only this key's events.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+@json_option
+def audit(key_id: str | None, limit: int, as_json: bool) -> None:
+    """Show the audit trail, newest first, and authentication failures per code."""
+    store = _store()
+    events = store.events(key_id=key_id, limit=limit)
+    failures = store.auth_failures()
+    if as_json:
+        _emit_json({"events": [e.as_dict() for e in events], "auth_failures": failures})
+        return
+    for e in events:
+        d = e.as_dict()
+        detail = " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
+        click.echo(f"{d['at']}  {e.event:<10}  {e.key_id:<12}  {e.actor:<20}  {detail}".rstrip())
+    if failures:
+        click.echo("auth failures: " + ", ".join(f"{k}={v}" for k, v in sorted(failures.items())))
 
 
 @cli.command()

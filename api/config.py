@@ -22,6 +22,8 @@ from keys.parse import parse_duration, parse_rate_limit
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "KEYGATE_"
 MIN_SECRET_LENGTH = 32
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Settings:
     token_max_ttl: int
     trusted_proxies: int
     instance_path: Path
+    ratelimit_fail_open: bool = False
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -111,6 +114,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     if not proxies_raw.isdigit() or int(proxies_raw) > 10:
         raise ConfigError("KEYGATE_TRUSTED_PROXIES must be the number of proxies in front (0-10)")
 
+    fail_open_raw = str(get("RATELIMIT_FAIL_OPEN") or "0").strip().lower()
+    if fail_open_raw not in _BOOLEANS:
+        raise ConfigError("KEYGATE_RATELIMIT_FAIL_OPEN must be 1/true/yes or 0/false/no")
+
     return Settings(
         database_url=database_url,
         secret_keys=_secret_keys(get("SECRET_KEY"), instance),
@@ -119,4 +126,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         token_max_ttl=max_ttl,
         trusted_proxies=int(proxies_raw),
         instance_path=instance,
+        ratelimit_fail_open=_BOOLEANS[fail_open_raw],
     )

@@ -46,6 +46,14 @@ class KeygateServer(BaseApplication):
         return create_app()
 
 
+def _flush_on_exit(_server: Any, worker: Any) -> None:
+    """Write the worker's batched usage counters before it exits (clean shutdown)."""
+    app = getattr(worker, "wsgi", None)
+    usage = getattr(app, "extensions", {}).get("keygate.usage")
+    if usage is not None:
+        usage.close()
+
+
 def serve(host: str, port: int, workers: int) -> None:
     KeygateServer(
         {
@@ -58,5 +66,6 @@ def serve(host: str, port: int, workers: int) -> None:
             "limit_request_field_size": 16384,
             "graceful_timeout": 10,
             "proc_name": "keygate",
+            "worker_exit": _flush_on_exit,
         }
     ).run()

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 from flask import Flask, Request, g, request
 
-from .exc import InsufficientScope, MissingCredentials, MultipleCredentials
+from .exc import InsufficientScope, KeygateError, MissingCredentials, MultipleCredentials
 from .model import Principal
 from .scopes import grants
 from .store.base import KeyStore
+from .tokens import TokenSigner
 from .verify import check_ip, verify_key
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,6 +77,7 @@ class KeyAuth:
         self.store: KeyStore = store  # type: ignore[assignment]
         self.sources: list[CredentialSource] = list(sources) if sources is not None else [HeaderKey()]
         self._after_auth: list[Callable[[Principal], None]] = []
+        self._on_failure: list[Callable[[KeygateError], None]] = []
         if app is not None:
             self.init_app(app)
 
@@ -94,8 +96,24 @@ class KeyAuth:
         self._after_auth.append(hook)
         return hook
 
-    def authenticate(self, scope: str, accept: tuple[str, ...] = ("header",)) -> Principal:
+    def on_failure(self, hook: Callable[[KeygateError], None]) -> Callable[[KeygateError], None]:
+        """Register ``hook(error)`` to run for every refused request (failure metrics)."""
+        self._on_failure.append(hook)
+        return hook
+
+    def authenticate(self, scope: str | None, accept: tuple[str, ...] = ("header",)) -> Principal:
         """Authenticate and authorise the current request for ``scope``."""
+        try:
+            principal = self._authenticate(scope, accept)
+            for hook in self._after_auth:
+                hook(principal)
+        except KeygateError as e:
+            for failure_hook in self._on_failure:
+                failure_hook(e)
+            raise
+        return principal
+
+    def _authenticate(self, scope: str | None, accept: tuple[str, ...]) -> Principal:
         found = [(src, value) for src in self.sources if (value := src.extract(request)) is not None]
         if not found:
             wanted = " or ".join(s.description for s in self.sources if s.kind in accept)
@@ -110,14 +128,13 @@ class KeyAuth:
         g.principal = principal
         if source.kind not in accept:
             raise InsufficientScope(f"{source.description} can't open this resource", scope=scope)
-        if not grants(principal.scopes, scope):
+        if scope is not None and not grants(principal.scopes, scope):
             raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
-        for hook in self._after_auth:
-            hook(principal)
         return principal
 
-    def require(self, scope: str, *, accept: Iterable[str] = ("header",)) -> Callable[[F], F]:
-        """Decorator: the view runs only for a caller holding ``scope`` via an accepted source."""
+    def require(self, scope: str | None, *, accept: Iterable[str] = ("header",)) -> Callable[[F], F]:
+        """Decorator: the view runs only for a caller holding ``scope`` via an accepted
+        source; ``None`` admits any valid credential."""
         accepted = tuple(accept)
 
         def decorator(view: F) -> F:
@@ -135,3 +152,22 @@ class KeyAuth:
 
 def current_principal() -> Principal | None:
     return g.get("principal")
+
+
+class QueryToken(CredentialSource):
+    """A signed query token in the ``token`` query argument (see ``keys.tokens``)."""
+
+    kind = "token"
+
+    def __init__(self, signer: TokenSigner, arg: str = "token") -> None:
+        self.signer = signer
+        self.arg = arg
+        self.description = f"the {arg!r} query argument"
+
+    def extract(self, req: Request) -> str | None:
+        if not req.environ.get("QUERY_STRING"):
+            return None  # the common case costs no query parsing
+        return req.args.get(self.arg)
+
+    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
+        return self.signer.verify(auth.store, value)

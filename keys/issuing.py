@@ -1,14 +1,18 @@
-"""Issuing and revoking keys: the lifecycle shared by the CLI and the admin API."""
+"""The key lifecycle shared by the CLI and the admin API: issue, revoke, rotate.
+
+Each change is written together with its audit event, in one transaction.
+"""
 
 from __future__ import annotations
 
+import getpass
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .exc import InvalidCredentials, NotFound
+from .exc import InvalidCredentials, InvalidRequest, NotFound
 from .keyformat import generate_key, hash_key, is_key_id
-from .model import KeyRecord
+from .model import AuditEvent, KeyRecord
 from .parse import parse_name, parse_networks, parse_rate_limit
 from .scopes import parse_scopes
 from .store.base import KeyStore
@@ -22,6 +26,15 @@ class IssuedKey(NamedTuple):
     record: KeyRecord
 
 
+def cli_actor() -> str:
+    """``cli:<os user>``: who acted when the change came from ``manage.py``."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = "unknown"
+    return f"cli:{user}"
+
+
 def issue_key(
     store: KeyStore,
     *,
@@ -30,6 +43,7 @@ def issue_key(
     expires_in: int | None = None,
     rate_limit: str | None = None,
     allowed_ips: Iterable[str] = (),
+    actor: str | None = None,
     now: float | None = None,
 ) -> IssuedKey:
     """Validate, generate and store a key. The plaintext is returned only after
@@ -47,7 +61,9 @@ def issue_key(
         rate_limit=canonical_rate,
         allowed_ips=parse_networks(allowed_ips),
     )
-    store.add(record)
+    event = AuditEvent("create", record.id, actor or cli_actor(), now,
+                       {"name": record.name, "scopes": list(record.scopes)})
+    store.add(record, event)
     return IssuedKey(key.plaintext, record)
 
 
@@ -58,12 +74,46 @@ def get_key(store: KeyStore, key_id: str) -> KeyRecord:
     return record
 
 
-def revoke_key(store: KeyStore, key_id: str, now: float | None = None) -> KeyRecord:
+def revoke_key(store: KeyStore, key_id: str, *, actor: str | None = None,
+               now: float | None = None) -> KeyRecord:
     """Revoke now; revoking twice is harmless and keeps the first time."""
-    get_key(store, key_id)
-    record = store.revoke(key_id, time.time() if now is None else now)
-    assert record is not None
+    now = time.time() if now is None else now
+    before = get_key(store, key_id)
+    if before.revoked_at is not None and before.revoked_at <= now:
+        return before  # already revoked: nothing changes, nothing to audit
+    event = AuditEvent("revoke", key_id, actor or cli_actor(), now)
+    record = store.revoke(key_id, now, event)
+    if record is None:
+        raise NotFound(f"no key with id {key_id[:40]!r}")
     return record
+
+
+def rotate_key(store: KeyStore, key_id: str, *, grace: int | None = None,
+               actor: str | None = None, now: float | None = None) -> IssuedKey:
+    """A new key with the old one's name, scopes, expiry, limit and allow-list.
+
+    The old key stops now, or at the end of ``grace`` seconds; its query tokens
+    stop now either way (its generation is bumped).
+    """
+    now = time.time() if now is None else now
+    old = get_key(store, key_id)
+    if old.revoked_at is not None:
+        raise InvalidRequest(
+            f"key {key_id} is already revoked or rotated; rotate its replacement instead", field="id"
+        )
+    if old.expires_at is not None and old.expires_at <= now:
+        raise InvalidRequest(f"key {key_id} has expired; create a new key instead", field="id")
+    key = generate_key()
+    new = old.replace(
+        id=key.key_id, key_hash=hash_key(key.plaintext), created_at=now, revoked_at=None,
+        last_used_at=None, use_count=0, replaces=old.id, generation=0,
+    )
+    stops_at = now + (grace or 0)
+    event = AuditEvent("rotate", old.id, actor or cli_actor(), now,
+                       {"new_key_id": new.id, "grace_seconds": grace or 0})
+    if store.rotate(new, old.id, stops_at, event) is None:
+        raise NotFound(f"no key with id {key_id[:40]!r}")
+    return IssuedKey(key.plaintext, new)
 
 
 def find_by_plaintext(store: KeyStore, plaintext: str) -> KeyRecord:

@@ -67,3 +67,25 @@ class Principal:
     scopes: tuple[str, ...]
     via: str  # "header" or "token"
     record: KeyRecord
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One lifecycle event. Never holds a secret: ids, names and settings only."""
+
+    event: str  # "create", "revoke", "rotate", "mint_token"
+    key_id: str
+    actor: str  # "key:<admin key id>" or "cli:<os user>"
+    at: float
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+    id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "at": isoformat(self.at),
+            "event": self.event,
+            "key_id": self.key_id,
+            "actor": self.actor,
+            "detail": self.detail,
+        }

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 
-from ..model import KeyRecord
+from ..model import AuditEvent, KeyRecord
 
 #: Schema version this code reads and writes; ``migrate()`` brings a store to it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class KeyStore(ABC):
     """Where keys live. Every method is safe to call from several threads.
 
     ``get`` is on the hot path of every request and must cost microseconds;
-    the rest runs when keys are managed.
+    the rest runs when keys are managed. Each write that takes an ``event``
+    stores it in the same transaction, so the audit trail can't miss a change.
     """
 
     #: Short name of the backend, for logs and the CLI ("memory", "sqlite", ...).
@@ -29,7 +31,7 @@ class KeyStore(ABC):
         """The version the store is at now (0 when it was never initialised)."""
 
     @abstractmethod
-    def add(self, record: KeyRecord) -> None:
+    def add(self, record: KeyRecord, event: AuditEvent | None = None) -> None:
         """Store a new key. The write is durable when this returns."""
 
     @abstractmethod
@@ -41,12 +43,47 @@ class KeyStore(ABC):
         """Keys ordered by id; ``after`` is the last id of the previous page."""
 
     @abstractmethod
-    def revoke(self, key_id: str, at: float) -> KeyRecord | None:
-        """Revoke at ``at`` (kept if already revoked earlier); ``None`` if unknown."""
+    def revoke(self, key_id: str, at: float, event: AuditEvent | None = None) -> KeyRecord | None:
+        """Revoke at ``at`` (kept if already revoked earlier) and bump the key's
+        generation, killing its tokens; ``None`` if unknown."""
+
+    @abstractmethod
+    def rotate(
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+    ) -> KeyRecord | None:
+        """Atomically add ``new`` and revoke ``old_id`` at ``old_revoked_at``
+        (as ``revoke`` does). Returns the old key's updated record, ``None`` if unknown
+        (then nothing is written)."""
 
     @abstractmethod
     def count(self) -> int:
         """How many keys are stored, revoked ones included."""
+
+    # -- audit trail ----------------------------------------------------------
+
+    @abstractmethod
+    def record_event(self, event: AuditEvent) -> None:
+        """Append an event that goes with no key change (a token minted)."""
+
+    @abstractmethod
+    def events(
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[AuditEvent]:
+        """Events newest first; ``before`` is the smallest id of the previous page."""
+
+    # -- counters written behind the request path -------------------------------
+
+    @abstractmethod
+    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
+        """Apply batched usage: ``{key_id: (last_used_at, requests since last flush)}``."""
+
+    @abstractmethod
+    def add_auth_failures(self, counts: Mapping[str, int]) -> None:
+        """Add batched authentication-failure counts per outcome code."""
+
+    @abstractmethod
+    def auth_failures(self) -> dict[str, int]:
+        """Total authentication failures per outcome code."""
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import threading
+from collections import Counter
+from collections.abc import Mapping
 
-from ..model import KeyRecord
+from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore
 
 
@@ -15,6 +18,8 @@ class MemoryKeyStore(KeyStore):
     def __init__(self) -> None:
         self._keys: dict[str, KeyRecord] = {}
         self._ids: list[str] = []  # sorted, for paging
+        self._events: list[AuditEvent] = []
+        self._failures: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def migrate(self) -> int:
@@ -23,12 +28,27 @@ class MemoryKeyStore(KeyStore):
     def schema_version(self) -> int:
         return SCHEMA_VERSION
 
-    def add(self, record: KeyRecord) -> None:
+    def _append_event(self, event: AuditEvent | None) -> None:
+        if event is not None:
+            self._events.append(dataclasses.replace(event, id=len(self._events) + 1))
+
+    def _insert(self, record: KeyRecord) -> None:
+        if record.id in self._keys:
+            raise ValueError(f"key id {record.id} already exists")
+        self._keys[record.id] = record
+        bisect.insort(self._ids, record.id)
+
+    def _revoke(self, key_id: str, at: float) -> KeyRecord:
+        record = self._keys[key_id]
+        if record.revoked_at is None or record.revoked_at > at:
+            record = record.replace(revoked_at=at, generation=record.generation + 1)
+            self._keys[key_id] = record
+        return record
+
+    def add(self, record: KeyRecord, event: AuditEvent | None = None) -> None:
         with self._lock:
-            if record.id in self._keys:
-                raise ValueError(f"key id {record.id} already exists")
-            self._keys[record.id] = record
-            bisect.insort(self._ids, record.id)
+            self._insert(record)
+            self._append_event(event)
 
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
@@ -39,15 +59,60 @@ class MemoryKeyStore(KeyStore):
             stop = None if limit is None else start + limit
             return [self._keys[i] for i in self._ids[start:stop]]
 
-    def revoke(self, key_id: str, at: float) -> KeyRecord | None:
+    def revoke(self, key_id: str, at: float, event: AuditEvent | None = None) -> KeyRecord | None:
         with self._lock:
-            record = self._keys.get(key_id)
-            if record is None:
+            if key_id not in self._keys:
                 return None
-            if record.revoked_at is None or record.revoked_at > at:
-                record = record.replace(revoked_at=at, generation=record.generation + 1)
-                self._keys[key_id] = record
+            record = self._revoke(key_id, at)
+            self._append_event(event)
+            return record
+
+    def rotate(
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+    ) -> KeyRecord | None:
+        with self._lock:
+            if old_id not in self._keys:
+                return None
+            self._insert(new)
+            record = self._revoke(old_id, old_revoked_at)
+            self._append_event(event)
             return record
 
     def count(self) -> int:
         return len(self._keys)
+
+    def record_event(self, event: AuditEvent) -> None:
+        with self._lock:
+            self._append_event(event)
+
+    def events(
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[AuditEvent]:
+        with self._lock:
+            out = []
+            for e in reversed(self._events):
+                if before is not None and e.id is not None and e.id >= before:
+                    continue
+                if key_id is None or e.key_id == key_id:
+                    out.append(e)
+                    if len(out) >= limit:
+                        break
+            return out
+
+    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
+        with self._lock:
+            for key_id, (last_used, count) in usage.items():
+                record = self._keys.get(key_id)
+                if record is not None:
+                    newest = max(last_used, record.last_used_at or 0.0)
+                    self._keys[key_id] = record.replace(
+                        last_used_at=newest, use_count=record.use_count + count
+                    )
+
+    def add_auth_failures(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            self._failures.update(counts)
+
+    def auth_failures(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._failures)

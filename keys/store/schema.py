@@ -40,10 +40,35 @@ keys_table = sa.Table(
 )
 
 
+audit_table = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Double, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("key_id", sa.String(16), nullable=False, index=True),
+    sa.Column("actor", sa.String(120), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False, server_default="{}"),  # JSON, never a secret
+)
+
+failures_table = sa.Table(
+    "auth_failures",
+    metadata,
+    sa.Column("code", sa.String(40), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     keys_table.create(conn)
 
 
+def _v2(conn: sa.Connection) -> None:
+    audit_table.create(conn)
+    failures_table.create(conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "api_keys table", _v1),
+    (2, "audit_events and auth_failures tables", _v2),
 ]

@@ -8,18 +8,21 @@ Everything else goes through Core and works unchanged on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 from ..exc import ConfigError, StoreUnavailable
-from ..model import KeyRecord
+from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore
-from .schema import MIGRATIONS, keys_table, schema_table
+from .schema import MIGRATIONS, audit_table, failures_table, keys_table, schema_table
 
 _COLUMNS = [c.name for c in keys_table.columns]
 
@@ -64,8 +67,29 @@ def _configure_sqlite(engine: sa.Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        # IMMEDIATE takes the write lock up front: no upgrade deadlocks between writers.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front (IMMEDIATE): no upgrade deadlocks between them.
+        read_only = conn.get_execution_options().get("keygate_read_only")
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _insert_event(conn: sa.Connection, event: AuditEvent | None) -> None:
+    if event is not None:
+        conn.execute(audit_table.insert().values(
+            at=event.at, event=event.event, key_id=event.key_id, actor=event.actor,
+            detail=json.dumps(event.detail, sort_keys=True),
+        ))
+
+
+def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
+    k = keys_table.c
+    conn.execute(
+        keys_table.update()
+        .where(k.id == key_id)
+        .where(sa.or_(k.revoked_at.is_(None), k.revoked_at > at))
+        .values(revoked_at=at, generation=k.generation + 1)
+    )
+    row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
+    return None if row is None else _row_to_record(row)
 
 
 class SqlKeyStore(KeyStore):
@@ -139,20 +163,29 @@ class SqlKeyStore(KeyStore):
 
     # -- management -------------------------------------------------------------
 
-    def _write(self) -> Any:
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """A write transaction; SQLite takes its write lock up front (BEGIN IMMEDIATE)."""
         try:
-            return self.engine.begin()
-        except sa.exc.OperationalError as e:
-            raise StoreUnavailable(f"the key store is unreachable: {e.orig}") from None
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+            raise StoreUnavailable(f"the key store is unavailable: {e.orig}") from None
 
-    def schema_version(self) -> int:
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
         try:
             with self.engine.connect() as conn:
-                if not sa.inspect(conn).has_table(schema_table.name):
-                    return 0
-                return conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar() or 0
-        except sa.exc.OperationalError as e:
-            raise StoreUnavailable(f"the key store is unreachable: {e.orig}") from None
+                conn.execution_options(keygate_read_only=True)
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+            raise StoreUnavailable(f"the key store is unavailable: {e.orig}") from None
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            if not sa.inspect(conn).has_table(schema_table.name):
+                return 0
+            return conn.execute(sa.select(sa.func.max(schema_table.c.version))).scalar() or 0
 
     def migrate(self) -> int:
         with self._write() as conn:
@@ -173,9 +206,10 @@ class SqlKeyStore(KeyStore):
                     current = version
         return current
 
-    def add(self, record: KeyRecord) -> None:
+    def add(self, record: KeyRecord, event: AuditEvent | None = None) -> None:
         with self._write() as conn:
             conn.execute(keys_table.insert().values(**_record_to_row(record)))
+            _insert_event(conn, event)
 
     def list(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
         stmt = sa.select(keys_table).order_by(keys_table.c.id)
@@ -183,23 +217,85 @@ class SqlKeyStore(KeyStore):
             stmt = stmt.where(keys_table.c.id > after)
         if limit is not None:
             stmt = stmt.limit(limit)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [_row_to_record(row) for row in conn.execute(stmt)]
 
-    def revoke(self, key_id: str, at: float) -> KeyRecord | None:
-        k = keys_table.c
+    def revoke(self, key_id: str, at: float, event: AuditEvent | None = None) -> KeyRecord | None:
         with self._write() as conn:
-            conn.execute(
-                keys_table.update()
-                .where(k.id == key_id)
-                .where(sa.or_(k.revoked_at.is_(None), k.revoked_at > at))
-                .values(revoked_at=at, generation=k.generation + 1)
+            record = _revoke(conn, key_id, at)
+            if record is not None:
+                _insert_event(conn, event)
+        return record
+
+    def rotate(
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+    ) -> KeyRecord | None:
+        with self._write() as conn:
+            old = _revoke(conn, old_id, old_revoked_at)
+            if old is None:
+                return None
+            conn.execute(keys_table.insert().values(**_record_to_row(new)))
+            _insert_event(conn, event)
+        return old
+
+    def record_event(self, event: AuditEvent) -> None:
+        with self._write() as conn:
+            _insert_event(conn, event)
+
+    def events(
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+    ) -> list[AuditEvent]:
+        a = audit_table.c
+        stmt = sa.select(audit_table).order_by(a.id.desc()).limit(limit)
+        if key_id is not None:
+            stmt = stmt.where(a.key_id == key_id)
+        if before is not None:
+            stmt = stmt.where(a.id < before)
+        with self._read() as conn:
+            return [
+                AuditEvent(event=r.event, key_id=r.key_id, actor=r.actor, at=r.at,
+                           detail=json.loads(r.detail), id=r.id)
+                for r in conn.execute(stmt)
+            ]
+
+    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
+        if not usage:
+            return
+        k = keys_table.c
+        stmt = (
+            keys_table.update()
+            .where(k.id == sa.bindparam("b_id"))
+            .values(
+                use_count=k.use_count + sa.bindparam("b_count"),
+                last_used_at=sa.case(
+                    (k.last_used_at.is_(None), sa.bindparam("b_at")),
+                    (k.last_used_at < sa.bindparam("b_at"), sa.bindparam("b_at")),
+                    else_=k.last_used_at,
+                ),
             )
-            row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
-        return None if row is None else _row_to_record(row)
+        )
+        rows = [{"b_id": i, "b_at": at, "b_count": n} for i, (at, n) in sorted(usage.items())]
+        with self._write() as conn:
+            conn.execute(stmt, rows)
+
+    def add_auth_failures(self, counts: Mapping[str, int]) -> None:
+        if not counts:
+            return
+        f = failures_table.c
+        with self._write() as conn:
+            for code, n in sorted(counts.items()):
+                updated = conn.execute(
+                    failures_table.update().where(f.code == code).values(count=f.count + n)
+                ).rowcount
+                if not updated:
+                    conn.execute(failures_table.insert().values(code=code, count=n))
+
+    def auth_failures(self) -> dict[str, int]:
+        with self._read() as conn:
+            return {r.code: r.count for r in conn.execute(sa.select(failures_table))}
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(keys_table)).scalar_one()
 
     def close(self) -> None:

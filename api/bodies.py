@@ -1,0 +1,67 @@
+"""Strict reading of request bodies and query arguments: 400 naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+
+from keys.exc import InvalidRequest
+from keys.parse import parse_duration
+
+MAX_BODY = 64 * 1024
+
+
+def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The JSON object body; empty means ``{}``. Unknown fields are refused, so a
+    typo (``scope`` for ``scopes``) is an error rather than silently ignored."""
+    if request.content_length and request.content_length > MAX_BODY:
+        raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        data: Any = {}
+    else:
+        data = request.get_json(force=True, silent=True)
+        if data is None:
+            raise InvalidRequest("body is not valid JSON", field="body")
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object", field="body")
+    for name in sorted(set(data) - allowed):
+        raise InvalidRequest(f"unknown field {name[:40]!r}; allowed: {', '.join(sorted(allowed))}", field=name[:40])
+    for name in sorted(required - set(data)):
+        raise InvalidRequest(f"{name} is required", field=name)
+    return data
+
+
+def string_list(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{field} must be an array of strings", field=field)
+    return value
+
+
+def optional_string(value: Any, field: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(f"{field} must be a string", field=field)
+    return value
+
+
+def seconds(value: Any, field: str) -> int | None:
+    """A duration as whole seconds (``3600``) or text (``"1h"``); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_duration(value, field)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{field} must be a number of seconds or a duration like 30d", field=field)
+    if value <= 0:
+        raise InvalidRequest(f"{field} must be longer than zero", field=field)
+    return parse_duration(f"{value}s", field)
+
+
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"{name} must be a whole number from {low} to {high}", field=name)
+    return int(raw)

@@ -1,0 +1,135 @@
+"""The key-management API under /admin/keys and the audit read-out at /admin/audit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, g, request
+from flask_restx import Namespace, Resource, fields
+
+from keys import KeyAuth, get_key, issue_key, revoke_key
+from keys.exc import InvalidRequest
+from keys.issuing import rotate_key
+from keys.keyformat import is_key_id
+from keys.scopes import ADMIN
+from keys.usage import UsageRecorder
+
+from ..bodies import int_arg, json_body, optional_string, seconds, string_list
+
+ADMIN_ONLY = [{"apiKey": []}]
+
+
+def _actor() -> str:
+    return f"key:{g.principal.key_id}"
+
+
+def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namespace]:
+    ns = Namespace("admin-keys", path="/admin/keys", description="Manage keys (admin scope)")
+    audit_ns = Namespace("admin-audit", path="/admin/audit", description="Audit trail (admin scope)")
+    store = auth.store
+
+    metadata = ns.model("KeyMetadata", {
+        "id": fields.String, "name": fields.String, "scopes": fields.List(fields.String),
+        "created_at": fields.String, "expires_at": fields.String, "revoked_at": fields.String,
+        "last_used_at": fields.String, "use_count": fields.Integer, "rate_limit": fields.String,
+        "allowed_ips": fields.List(fields.String), "replaces": fields.String,
+    })
+    new_key = ns.inherit("NewKey", metadata, {"key": fields.String(description="shown only once")})
+    create_request = ns.model("CreateKey", {
+        "name": fields.String(required=True),
+        "scopes": fields.List(fields.String, required=True),
+        "expires_in": fields.String(description="seconds, or a duration like 30d"),
+        "rate_limit": fields.String(description="e.g. 100/minute"),
+        "allowed_ips": fields.List(fields.String, description="CIDR blocks"),
+    })
+    rotate_request = ns.model("RotateKey", {"grace": fields.String(description="e.g. 1h; default: stop now")})
+
+    @ns.route("")
+    class Keys(Resource):
+        @ns.doc(security=ADMIN_ONLY, params={
+            "limit": "page size, 1-1000 (default 100)", "after": "the `next` of the previous page"})
+        @auth.require(ADMIN)
+        def get(self) -> dict[str, Any]:
+            """List keys' metadata, a page at a time."""
+            limit = int_arg("limit", 100, 1, 1000)
+            after = request.args.get("after")
+            if after is not None and not is_key_id(after):
+                raise InvalidRequest("after must be a key id", field="after")
+            page = store.list(limit=limit, after=after)
+            return {"keys": [r.metadata() for r in page],
+                    "next": page[-1].id if len(page) == limit else None}
+
+        @ns.doc(security=ADMIN_ONLY)
+        @ns.expect(create_request, validate=False)
+        @ns.response(201, "Created; the key is shown only in this response", new_key)
+        @auth.require(ADMIN)
+        def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
+            """Create a key."""
+            body = json_body({"name", "scopes", "expires_in", "rate_limit", "allowed_ips"},
+                             required=frozenset({"name", "scopes"}))
+            issued = issue_key(
+                store,
+                name=body["name"],
+                scopes=string_list(body["scopes"], "scopes"),
+                expires_in=seconds(body.get("expires_in"), "expires_in"),
+                rate_limit=optional_string(body.get("rate_limit"), "rate_limit"),
+                allowed_ips=string_list(body.get("allowed_ips") or [], "allowed_ips"),
+                actor=_actor(),
+            )
+            return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
+                    {"Location": f"/admin/keys/{issued.record.id}"})
+
+    @ns.route("/<string:key_id>")
+    class Key(Resource):
+        @ns.doc(security=ADMIN_ONLY)
+        @ns.response(200, "Metadata", metadata)
+        @auth.require(ADMIN)
+        def get(self, key_id: str) -> dict[str, Any]:
+            """One key's metadata."""
+            return get_key(store, key_id).metadata()
+
+        @ns.doc(security=ADMIN_ONLY)
+        @ns.response(204, "Revoked (repeating it is harmless)")
+        @auth.require(ADMIN)
+        def delete(self, key_id: str) -> Response:
+            """Revoke a key now; its query tokens die with it."""
+            revoke_key(store, key_id, actor=_actor())
+            return Response(status=204)
+
+    @ns.route("/<string:key_id>/rotate")
+    class Rotate(Resource):
+        @ns.doc(security=ADMIN_ONLY)
+        @ns.expect(rotate_request, validate=False)
+        @ns.response(201, "The new key, shown only in this response", new_key)
+        @auth.require(ADMIN)
+        def post(self, key_id: str) -> tuple[dict[str, Any], int, dict[str, str]]:
+            """Replace a key; the old one stops now or after `grace`."""
+            body = json_body({"grace"})
+            grace = seconds(body.get("grace"), "grace")
+            issued = rotate_key(store, key_id, grace=grace, actor=_actor())
+            return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
+                    {"Location": f"/admin/keys/{issued.record.id}"})
+
+    @audit_ns.route("")
+    class Audit(Resource):
+        @audit_ns.doc(security=ADMIN_ONLY, params={
+            "key_id": "only this key's events", "limit": "1-1000 (default 100)",
+            "before": "the `next` of the previous page"})
+        @auth.require(ADMIN)
+        def get(self) -> dict[str, Any]:
+            """Lifecycle events, newest first, and authentication failures per code."""
+            limit = int_arg("limit", 100, 1, 1000)
+            before = int_arg("before", 0, 1, 2**62) or None
+            key_id = request.args.get("key_id")
+            if key_id is not None and not is_key_id(key_id):
+                raise InvalidRequest("key_id must be a key id", field="key_id")
+            events = store.events(key_id=key_id, limit=limit, before=before)
+            failures = store.auth_failures()
+            if usage is not None:  # this process's not-yet-flushed counts
+                for code, n in usage.pending_failures().items():
+                    failures[code] = failures.get(code, 0) + n
+            return {"events": [e.as_dict() for e in events],
+                    "next": events[-1].id if len(events) == limit else None,
+                    "auth_failures": failures}
+
+    return [ns, audit_ns]

@@ -1,0 +1,183 @@
+"""Per-key rate limits: exact, cheap, and shared by every worker that must share them.
+
+Two backends behind one small interface:
+
+* ``SharedMemoryLimiter`` — the embedded default. ``limits``' in-memory storage
+  is private to one process, so gunicorn with N workers would allow N times the
+  limit. This keeps one GCRA cell (a single float, the "theoretical arrival
+  time") per key in an ``mmap``-ed file that every worker of the host maps,
+  guarded by ``flock``. GCRA lets a full burst of ``amount`` through, then one
+  request per ``period/amount``; it is exact under concurrency and costs a few
+  microseconds (see ``bench/``).
+* ``LimitsLimiter`` — the ``limits`` library's moving window on any storage it
+  supports; ``redis://`` shares limits across hosts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import NamedTuple
+
+from .exc import KeygateError, StoreUnavailable
+from .parse import RateLimit
+
+log = logging.getLogger("keygate.ratelimit")
+
+
+class LimitState(NamedTuple):
+    """The outcome of one hit, in the terms of the IETF RateLimit header fields."""
+
+    allowed: bool
+    limit: RateLimit
+    remaining: int
+    reset: int  # seconds until the quota is fully available again
+    retry_after: int  # seconds until the next request would pass (0 when allowed)
+
+
+class RateLimitUnavailable(StoreUnavailable):
+    code = "rate_limit_unavailable"
+    title = "Rate limit store unavailable"
+
+
+class Limiter(ABC):
+    @abstractmethod
+    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
+        """Count one request for ``key_id`` against ``limit``; refused hits are not counted."""
+
+    def close(self) -> None:
+        pass
+
+
+# -- embedded: GCRA in shared memory ---------------------------------------------
+
+_MAGIC = b"KGRL0001"
+_HEADER = 64
+_SLOT = struct.Struct("<16sd")  # key id (NUL-padded), theoretical arrival time
+_PROBES = 16
+
+
+class SharedMemoryLimiter(Limiter):
+    """GCRA cells in an mmap-ed file shared by all processes that open the same path.
+
+    The table holds ``slots`` keys at a time; a cell whose time has passed is a
+    full quota and may be reused, so only keys used within their window compete
+    for space. When every probed cell is busy the oldest is evicted, which can
+    only ever favour the caller (never wrongly refuse one).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], slots: int = 1 << 16) -> None:
+        self.path = Path(path)
+        self.slots = slots
+        size = _HEADER + slots * _SLOT.size
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size != size or os.pread(fd, 8, 0) != _MAGIC:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+                os.pwrite(fd, _MAGIC, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._map = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
+
+    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
+        name = key_id.encode()
+        interval = limit.period / limit.amount
+        now = time.time() if now is None else now
+        start = zlib.crc32(name) % self.slots
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                offset, tat = self._find(name, start, now)
+                tat = max(tat, now)
+                new_tat = tat + interval
+                allowed = new_tat - now <= limit.period + 1e-9
+                if allowed:
+                    _SLOT.pack_into(self._map, offset, name, new_tat)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if allowed:
+            remaining = int((limit.period - (new_tat - now)) / interval + 1e-9)
+            return LimitState(True, limit, remaining, math.ceil(new_tat - now), 0)
+        # Refused: the quota is back (one request) after ``retry``; RateLimit's t says so too.
+        retry = max(1, math.ceil(new_tat - limit.period - now))
+        return LimitState(False, limit, 0, retry, retry)
+
+    def _find(self, name: bytes, start: int, now: float) -> tuple[int, float]:
+        """The cell for ``name`` (its stored time) or a free/oldest one (time 0)."""
+        padded = name.ljust(16, b"\0")
+        victim, victim_tat = -1, math.inf
+        for i in range(_PROBES):
+            offset = _HEADER + ((start + i) % self.slots) * _SLOT.size
+            stored, tat = _SLOT.unpack_from(self._map, offset)
+            if stored == padded:
+                return offset, tat
+            if tat <= now or not stored.strip(b"\0"):
+                if victim_tat > 0:  # the first free cell wins over any busy one
+                    victim, victim_tat = offset, 0.0
+            elif tat < victim_tat:
+                victim, victim_tat = offset, tat
+        return victim, 0.0
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+# -- the limits library (Redis, or one process's memory) ----------------------------
+
+
+class LimitsLimiter(Limiter):
+    """``limits``' exact moving window on a storage URL (``redis://…``, ``memory://``)."""
+
+    def __init__(self, storage_url: str) -> None:
+        from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute, RateLimitItemPerSecond
+        from limits.storage import storage_from_string
+        from limits.strategies import MovingWindowRateLimiter
+
+        self._items_by_unit = {
+            "second": RateLimitItemPerSecond, "minute": RateLimitItemPerMinute,
+            "hour": RateLimitItemPerHour, "day": RateLimitItemPerDay,
+        }
+        self._items: dict[RateLimit, object] = {}
+        try:
+            self.storage = storage_from_string(storage_url)
+        except Exception as e:  # limits raises ConfigurationError/ImportError variously
+            raise KeygateError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
+        self.limiter = MovingWindowRateLimiter(self.storage)
+
+    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
+        item = self._items.get(limit)
+        if item is None:
+            item = self._items[limit] = self._items_by_unit[limit.unit](limit.amount)
+        try:
+            allowed = self.limiter.hit(item, "keygate", key_id)
+            stats = self.limiter.get_window_stats(item, "keygate", key_id)
+        except Exception as e:
+            raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        if allowed:
+            return LimitState(True, limit, stats.remaining, reset, 0)
+        return LimitState(False, limit, 0, reset, max(1, reset))
+
+
+def open_limiter(storage_url: str | None, instance_path: str | os.PathLike[str]) -> Limiter:
+    """``None`` → the embedded shared-memory limiter for this host; else ``limits``."""
+    if storage_url is None:
+        return SharedMemoryLimiter(Path(instance_path) / "ratelimits.mmap")
+    return LimitsLimiter(storage_url)

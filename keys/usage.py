@@ -1,0 +1,94 @@
+"""Usage and failure counters, written behind the request path.
+
+A request only touches a dict under an uncontended lock (well under a
+microsecond); a daemon thread flushes the batch to the store every
+``interval`` seconds, and ``flush()`` runs once more on clean shutdown. A crash
+loses at most one interval's counts, never a key or an audit event.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections import Counter
+
+from .store.base import KeyStore
+
+log = logging.getLogger("keygate.usage")
+
+
+class UsageRecorder:
+    def __init__(self, store: KeyStore, interval: float = 5.0) -> None:
+        self.store = store
+        self.interval = interval
+        self._usage: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
+        self._failures: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.flushes = 0  # store writes made, for tests and metrics
+
+    def hit(self, key_id: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            entry = self._usage.get(key_id)
+            if entry is None:
+                self._usage[key_id] = [now, 1]
+            else:
+                entry[0] = now
+                entry[1] += 1
+        self._ensure_thread()
+
+    def failure(self, code: str) -> None:
+        with self._lock:
+            self._failures[code] += 1
+        self._ensure_thread()
+
+    def pending_failures(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._failures)
+
+    def flush(self) -> None:
+        """Write what has accumulated; on failure keep it for the next try."""
+        with self._lock:
+            usage, self._usage = self._usage, {}
+            failures, self._failures = self._failures, Counter()
+        if not usage and not failures:
+            return
+        try:
+            if usage:
+                self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items()})
+                self.flushes += 1
+            if failures:
+                self.store.add_auth_failures(failures)
+                self.flushes += 1
+        except Exception:
+            log.warning("could not write usage counters; will retry", exc_info=True)
+            with self._lock:  # merge back so nothing is lost to a brief outage
+                for k, (at, n) in usage.items():
+                    entry = self._usage.setdefault(k, [at, 0])
+                    entry[0] = max(entry[0], at)
+                    entry[1] += n
+                self._failures.update(failures)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="keygate-usage", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def close(self) -> None:
+        """Stop the flusher and write what is left (clean shutdown)."""
+        self._stop.set()
+        self.flush()
