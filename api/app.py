@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from keys import KeyAuth, open_store
 from keys.auth import HeaderKey, QueryToken
+from keys.cache import CachedLookup
 from keys.exc import ConfigError
 from keys.store import SCHEMA_VERSION, KeyStore
 from keys.ratelimit import open_limiter
@@ -72,7 +73,10 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     store = store or open_checked_store(settings)
     signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
-    auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)])
+    # A networked store gets a per-process cache with bounded staleness (keys/cache.py);
+    # SQLite and memory are read directly: a lookup costs microseconds and revocation is instant.
+    lookup = CachedLookup(store) if store.backend == "postgresql" else store
+    auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)], lookup=lookup)
     usage = UsageRecorder(store)
     auth.on_failure(lambda e: usage.failure(e.code))
     app.extensions["keygate.usage"] = usage

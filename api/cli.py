@@ -34,7 +34,8 @@ from .config import load_settings
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    # One line even when the message is not (a database driver's error can span several).
+    click.echo(f"error: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -12,8 +13,22 @@ from keys.redact import REDACTED, redact, redact_query
 _SECRET_HEADERS = {"{api-key}i", "{authorization}i", "{cookie}i"}
 
 
+class _RedactFilter(logging.Filter):
+    """Scrubs gunicorn's error-log messages, which quote request lines and URIs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
 class RedactingLogger(Logger):
-    """gunicorn's logger with tokens and keys scrubbed from every access-log atom."""
+    """gunicorn's logger with tokens and keys scrubbed from every access-log atom
+    and every error-log message."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if not any(isinstance(f, _RedactFilter) for f in self.error_log.filters):
+            self.error_log.addFilter(_RedactFilter())
 
     def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
         atoms = super().atoms(resp, req, environ, request_time)

@@ -24,7 +24,7 @@ from .model import Principal
 from .scopes import grants
 from .store.base import KeyStore
 from .tokens import TokenSigner
-from .verify import check_ip, verify_key
+from .verify import KeyLookup, check_ip, verify_key
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,7 @@ class HeaderKey(CredentialSource):
         return req.environ.get(self._environ_key)
 
     def authenticate(self, value: str, auth: KeyAuth) -> Principal:
-        record = verify_key(auth.store, value)
+        record = verify_key(auth.lookup, value)
         return Principal(record.id, record.name, record.scopes, self.kind, record)
 
 
@@ -73,8 +73,11 @@ class KeyAuth:
         *,
         store: KeyStore | None = None,
         sources: Iterable[CredentialSource] | None = None,
+        lookup: KeyLookup | None = None,
     ) -> None:
         self.store: KeyStore = store  # type: ignore[assignment]
+        #: Where verification reads records: the store, or a ``CachedLookup`` in front of it.
+        self.lookup: KeyLookup = lookup or store  # type: ignore[assignment]
         self.sources: list[CredentialSource] = list(sources) if sources is not None else [HeaderKey()]
         self._after_auth: list[Callable[[Principal], None]] = []
         self._on_failure: list[Callable[[KeygateError], None]] = []
@@ -84,6 +87,7 @@ class KeyAuth:
     def init_app(self, app: Flask, store: KeyStore | None = None) -> None:
         if store is not None:
             self.store = store
+            self.lookup = self.lookup or store
         if self.store is None:
             raise RuntimeError("KeyAuth needs a store: KeyAuth(app, store=...) or init_app(app, store)")
         app.extensions["keygate"] = self
@@ -170,4 +174,4 @@ class QueryToken(CredentialSource):
         return req.args.get(self.arg)
 
     def authenticate(self, value: str, auth: KeyAuth) -> Principal:
-        return self.signer.verify(auth.store, value)
+        return self.signer.verify(auth.lookup, value)

@@ -22,7 +22,7 @@ from .keyformat import looks_like_key
 from .model import AuditEvent, KeyRecord, Principal, isoformat
 from .scopes import grants, parse_scopes
 from .store.base import KeyStore
-from .verify import check_live
+from .verify import KeyLookup, check_live
 
 SALT = "keygate.query-token.v1"
 DEFAULT_TTL = 900  # 15 minutes: long enough for a download, short enough to matter
@@ -73,7 +73,7 @@ class TokenSigner:
         payload = {"k": record.id, "s": " ".join(granted), "g": record.generation, "e": expires_at}
         return MintedToken(self._serializer.dumps(payload), float(expires_at), granted)
 
-    def verify(self, store: KeyStore, token: str, now: float | None = None) -> Principal:
+    def verify(self, store: KeyLookup, token: str, now: float | None = None) -> Principal:
         """The principal a token stands for; ``InvalidToken``/``TokenExpired`` otherwise."""
         if len(token) > 1024:
             raise InvalidToken()

@@ -13,14 +13,20 @@ import ipaddress
 import time
 from functools import lru_cache
 from hmac import compare_digest
+from typing import Protocol
 
 from .exc import InvalidCredentials, IpNotAllowed, KeyExpired, KeyRevoked
 from .keyformat import UNKNOWN_KEY_HASH, hash_key, parse_key
 from .model import KeyRecord
-from .store.base import KeyStore
 
 
-def match_key(store: KeyStore, presented: str) -> KeyRecord:
+class KeyLookup(Protocol):
+    """What verification needs from a store: ``get`` (a ``KeyStore`` or a ``CachedLookup``)."""
+
+    def get(self, key_id: str) -> KeyRecord | None: ...
+
+
+def match_key(store: KeyLookup, presented: str) -> KeyRecord:
     """The stored record whose secret this is, live or not; ``InvalidCredentials`` otherwise."""
     parsed = parse_key(presented)
     record = store.get(parsed.key_id)
@@ -30,7 +36,7 @@ def match_key(store: KeyStore, presented: str) -> KeyRecord:
     return record
 
 
-def verify_key(store: KeyStore, presented: str, now: float | None = None) -> KeyRecord:
+def verify_key(store: KeyLookup, presented: str, now: float | None = None) -> KeyRecord:
     """The stored record of a valid, live key; raises an ``AuthenticationError`` otherwise."""
     record = match_key(store, presented)
     check_live(record, now)

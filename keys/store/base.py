@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from ..model import AuditEvent, KeyRecord
 
 #: Schema version this code reads and writes; ``migrate()`` brings a store to it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class KeyStore(ABC):
@@ -54,6 +54,11 @@ class KeyStore(ABC):
         """Atomically add ``new`` and revoke ``old_id`` at ``old_revoked_at``
         (as ``revoke`` does). Returns the old key's updated record, ``None`` if unknown
         (then nothing is written)."""
+
+    @abstractmethod
+    def revision(self) -> int:
+        """A counter that grows with every revocation or rotation: a cache of key
+        records is current while the revision it was filled under still holds."""
 
     @abstractmethod
     def count(self) -> int:

@@ -20,6 +20,7 @@ class MemoryKeyStore(KeyStore):
         self._ids: list[str] = []  # sorted, for paging
         self._events: list[AuditEvent] = []
         self._failures: Counter[str] = Counter()
+        self._revision = 0
         self._lock = threading.Lock()
 
     def migrate(self) -> int:
@@ -43,6 +44,7 @@ class MemoryKeyStore(KeyStore):
         if record.revoked_at is None or record.revoked_at > at:
             record = record.replace(revoked_at=at, generation=record.generation + 1)
             self._keys[key_id] = record
+            self._revision += 1
         return record
 
     def add(self, record: KeyRecord, event: AuditEvent | None = None) -> None:
@@ -77,6 +79,9 @@ class MemoryKeyStore(KeyStore):
             record = self._revoke(old_id, old_revoked_at)
             self._append_event(event)
             return record
+
+    def revision(self) -> int:
+        return self._revision
 
     def count(self) -> int:
         return len(self._keys)

@@ -59,6 +59,14 @@ failures_table = sa.Table(
 )
 
 
+revision_table = sa.Table(
+    "keygate_revision",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+)
+
+
 def _v1(conn: sa.Connection) -> None:
     keys_table.create(conn)
 
@@ -68,7 +76,13 @@ def _v2(conn: sa.Connection) -> None:
     failures_table.create(conn)
 
 
+def _v3(conn: sa.Connection) -> None:
+    revision_table.create(conn)
+    conn.execute(revision_table.insert().values(id=1, revision=0))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "api_keys table", _v1),
     (2, "audit_events and auth_failures tables", _v2),
+    (3, "keygate_revision counter for verification caches", _v3),
 ]

@@ -22,7 +22,7 @@ from sqlalchemy import event
 from ..exc import ConfigError, StoreUnavailable
 from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore
-from .schema import MIGRATIONS, audit_table, failures_table, keys_table, schema_table
+from .schema import MIGRATIONS, audit_table, failures_table, keys_table, revision_table, schema_table
 
 _COLUMNS = [c.name for c in keys_table.columns]
 
@@ -82,12 +82,15 @@ def _insert_event(conn: sa.Connection, event: AuditEvent | None) -> None:
 
 def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
     k = keys_table.c
-    conn.execute(
+    changed = conn.execute(
         keys_table.update()
         .where(k.id == key_id)
         .where(sa.or_(k.revoked_at.is_(None), k.revoked_at > at))
         .values(revoked_at=at, generation=k.generation + 1)
-    )
+    ).rowcount
+    if changed:
+        r = revision_table.c
+        conn.execute(revision_table.update().where(r.id == 1).values(revision=r.revision + 1))
     row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
     return None if row is None else _row_to_record(row)
 
@@ -115,6 +118,8 @@ class SqlKeyStore(KeyStore):
         compiled = stmt.compile(dialect=self.engine.dialect)
         self._get_sql = str(compiled)
         self._positional = compiled.positional
+        rev = sa.select(revision_table.c.revision).where(revision_table.c.id == 1)
+        self._revision_sql = str(rev.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
         self._local = threading.local()
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -131,13 +136,12 @@ class SqlKeyStore(KeyStore):
             self._local.conn = conn
         return conn
 
-    def get(self, key_id: str) -> KeyRecord | None:
-        params = (key_id,) if self._positional else {"key_id": key_id}
+    def _fetch_one(self, sql: str, params: Any) -> Any:
         try:
             cur = self._reader().cursor()
             try:
-                cur.execute(self._get_sql, params)
-                row = cur.fetchone()
+                cur.execute(sql, params)
+                return cur.fetchone()
             finally:
                 cur.close()
         except Exception as e:
@@ -145,7 +149,14 @@ class SqlKeyStore(KeyStore):
             if isinstance(e, self.engine.dialect.loaded_dbapi.Error):
                 raise StoreUnavailable("the key store is unreachable; try again shortly") from e
             raise
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        row = self._fetch_one(self._get_sql, (key_id,) if self._positional else {"key_id": key_id})
         return None if row is None else _row_to_record(row)
+
+    def revision(self) -> int:
+        row = self._fetch_one(self._revision_sql, ())
+        return 0 if row is None else int(row[0])
 
     def _drop_reader(self) -> None:
         fairy = getattr(self._local, "fairy", None)
