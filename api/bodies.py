@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from flask import request
 
 from keys.exc import InvalidRequest
-from keys.parse import parse_duration
+from keys.parse import MAX_DURATION, parse_duration
 
 MAX_BODY = 64 * 1024
 
@@ -21,9 +22,10 @@ def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> dict
     if not raw.strip():
         data: Any = {}
     else:
-        data = request.get_json(force=True, silent=True)
-        if data is None:
-            raise InvalidRequest("body is not valid JSON", field="body")
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting ([[[[…)
+            raise InvalidRequest("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body must be a JSON object", field="body")
     for name in sorted(set(data) - allowed):
@@ -51,17 +53,26 @@ def seconds(value: Any, field: str) -> int | None:
         return None
     if isinstance(value, str):
         return parse_duration(value, field)
+    return whole_seconds(value, field)
+
+
+def whole_seconds(value: Any, field: str) -> int:
+    """A positive whole number of seconds; ``60.0`` is JSON's way of writing 60 too."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{field} must be a number of seconds or a duration like 30d", field=field)
+        raise InvalidRequest(f"{field} must be a whole number of seconds or a duration like 30d", field=field)
     if value <= 0:
         raise InvalidRequest(f"{field} must be longer than zero", field=field)
-    return parse_duration(f"{value}s", field)
+    if value > MAX_DURATION:
+        raise InvalidRequest(f"{field} must be at most {MAX_DURATION} seconds (100 years)", field=field)
+    return value
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}", field=name)
     return int(raw)

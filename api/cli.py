@@ -26,6 +26,7 @@ from keys.exc import InvalidRequest
 from keys.issuing import cli_actor, rotate_key
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
+from keys.ratelimit import open_limiter
 from keys.tokens import TokenSigner, mint_token
 from keys.scopes import ADMIN, ALL_SCOPES
 from keys.store import KeyStore
@@ -271,6 +272,23 @@ def audit(key_id: str | None, limit: int, as_json: bool) -> None:
         click.echo("auth failures: " + ", ".join(f"{k}={v}" for k, v in sorted(failures.items())))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """One clear line now, rather than gunicorn retrying and logging for five seconds."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        fail(f"--host {host!r}: {e.strerror}", 2)
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            fail(f"cannot listen on {host}:{port}: {e.strerror}")
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
@@ -278,6 +296,12 @@ def audit(key_id: str | None, limit: int, as_json: bool) -> None:
 def serve(host: str, port: int, workers: int) -> None:
     """Run the production server (gunicorn)."""
     _store().close()  # fail here, in one line, rather than in every worker
+    settings = load_settings()
+    try:  # the limit store's URL too (a bad port, say): limits only parses it when opened
+        open_limiter(settings.ratelimit_storage_url, settings.instance_path).close()
+    except OSError as e:
+        fail(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}")
+    _check_port_free(host, port)
     from .server import serve as run
 
     click.echo(f"keygate serving on http://{host}:{port} (Swagger UI at /docs)", err=True)

@@ -82,5 +82,7 @@ def serve(host: str, port: int, workers: int) -> None:
             "graceful_timeout": 10,
             "proc_name": "keygate",
             "worker_exit": _flush_on_exit,
+            # gunicorn's control socket is one per user (~/.gunicorn); two servers would clash.
+            "control_socket_disable": True,
         }
     ).run()

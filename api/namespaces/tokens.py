@@ -11,7 +11,7 @@ from keys import KeyAuth
 from keys.model import isoformat
 from keys.tokens import TokenSigner, mint_token
 
-from ..bodies import json_body, string_list
+from ..bodies import json_body, string_list, whole_seconds
 
 
 def namespace(auth: KeyAuth, signer: TokenSigner) -> Namespace:
@@ -38,7 +38,7 @@ def namespace(auth: KeyAuth, signer: TokenSigner) -> Namespace:
             scopes = string_list(body["scopes"], "scopes") if body.get("scopes") is not None else None
             minted = mint_token(
                 auth.store, signer, g.principal.record, actor=f"key:{g.principal.key_id}",
-                scopes=scopes, ttl=body.get("ttl"),
+                scopes=scopes, ttl=None if body.get("ttl") is None else whole_seconds(body["ttl"], "ttl"),
             )
             return {"token": minted.token, "expires_at": isoformat(minted.expires_at),
                     "scopes": list(minted.scopes)}, 201
