@@ -16,6 +16,7 @@ Two backends behind one small interface:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
 import mmap
@@ -28,7 +29,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import NamedTuple
 
-from .exc import KeygateError, StoreUnavailable
+from .exc import ConfigError, StoreUnavailable
 from .parse import RateLimit
 
 log = logging.getLogger("keygate.ratelimit")
@@ -97,6 +98,8 @@ class SharedMemoryLimiter(Limiter):
 
     def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
         name = key_id.encode()
+        if len(name) > 16:  # cells hold 16 bytes; longer ids (other apps' keys) are hashed
+            name = hashlib.blake2b(name, digest_size=16).digest()
         interval = limit.period / limit.amount
         now = time.time() if now is None else now
         start = zlib.crc32(name) % self.slots
@@ -156,9 +159,14 @@ class LimitsLimiter(Limiter):
         }
         self._items: dict[RateLimit, object] = {}
         try:
-            self.storage = storage_from_string(storage_url)
+            options: dict[str, float] = {}
+            if storage_url.startswith(("redis://", "rediss://", "redis+unix://")):
+                # On the request path: an unresponsive Redis must cost a second, not the
+                # client's default minutes, before the request is answered (503 or fail-open).
+                options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+            self.storage = storage_from_string(storage_url, **options)
         except Exception as e:  # limits raises ConfigurationError/ImportError variously
-            raise KeygateError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
+            raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
         self.limiter = MovingWindowRateLimiter(self.storage)
 
     def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:

@@ -192,3 +192,25 @@ def start_server(env: dict[str, str]):
     yield start
     for s in servers:
         s.stop()
+
+
+def wait_for_workers(server: Server, n: int, timeout: float = 30) -> list[int]:
+    """Until ``n`` of ``server``'s gunicorn workers have loaded the app (Linux: each maps the
+    embedded rate-limit table, which create_app opens), so requests can reach every one.
+    ``/healthz`` answering only proves that the first worker is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        loaded = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == server.proc.pid and "ratelimits.mmap" in Path(f"/proc/{pid}/maps").read_text():
+                    loaded.append(int(pid))
+            except (OSError, ValueError, IndexError):
+                continue
+        if len(loaded) >= n:
+            return loaded
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(loaded)} of {n} workers loaded the app:\n{server.output()}")
+        time.sleep(0.05)

@@ -1,0 +1,727 @@
+"""Per-key rate limits (issue 4), as a client and an operator see them.
+
+* the limiters themselves, one suite over every backend (the embedded shared-memory
+  GCRA table, ``limits`` on ``memory://`` and on a real Redis);
+* the HTTP surface (429 ``rate_limited`` problems, ``Retry-After``, the IETF RateLimit
+  header fields and ``X-RateLimit-*``) through the Flask test client;
+* real ``manage.py serve`` processes: several gunicorn workers on one host, and
+  two servers on one Redis, must not multiply a key's limit;
+* a limit store that is down fails in the direction the operator chose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from api import create_app
+from api.config import load_settings
+from conftest import REDIS_URL, need_service, run_cli, wait_for_workers
+from keys import ConfigError, issue_key, open_store
+from keys.parse import RateLimit
+from keys.ratelimit import (
+    LimitsLimiter,
+    RateLimitUnavailable,
+    SharedMemoryLimiter,
+    open_limiter,
+)
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1"
+_redis = urlsplit(REDIS_URL)
+REDIS_HOST, REDIS_PORT = _redis.hostname or "127.0.0.1", _redis.port or 6379
+
+
+def need_redis() -> None:
+    need_service("Redis", REDIS_HOST, REDIS_PORT)
+
+
+def forget_in_redis(*key_ids: str) -> None:
+    """Delete the counters of these (test-only, random) key ids; nothing else is touched."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        for key_id in key_ids:
+            for name in client.scan_iter(match=f"*keygate/{key_id}*"):
+                client.delete(name)
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The limiters: one suite, every backend
+# ---------------------------------------------------------------------------------------
+
+LIMITERS = ["shared-memory", "limits-memory", "limits-redis"]
+
+
+class Ids:
+    """Fresh key ids for one test (12 characters, like real ones), so runs never collide
+    in a shared Redis."""
+
+    def __init__(self) -> None:
+        self.prefix = uuid.uuid4().hex[:8]
+        self.n = 0
+
+    def __call__(self) -> str:
+        self.n += 1
+        return f"{self.prefix}{self.n:04d}"
+
+
+@pytest.fixture
+def ids() -> Ids:
+    return Ids()
+
+
+@pytest.fixture(params=LIMITERS)
+def limiter(request: pytest.FixtureRequest, tmp_path: Path, ids: Ids):  # noqa: ANN201
+    if request.param == "shared-memory":
+        lim = SharedMemoryLimiter(tmp_path / "ratelimits.mmap")
+    elif request.param == "limits-memory":
+        lim = LimitsLimiter("memory://")
+    else:
+        need_redis()
+        lim = LimitsLimiter(REDIS_URL)
+    yield lim
+    lim.close()
+    if request.param == "limits-redis":
+        forget_in_redis(ids.prefix)
+
+
+def test_allows_exactly_n_then_refuses_with_a_retry_hint(limiter, ids):
+    key, limit = ids(), RateLimit(5, "minute")
+    states = [limiter.hit(key, limit) for _ in range(5)]
+    assert [s.allowed for s in states] == [True] * 5
+    assert [s.remaining for s in states] == [4, 3, 2, 1, 0]
+    for s in states:
+        assert s.retry_after == 0
+        assert 0 < s.reset <= 60
+        assert s.limit == limit
+
+    for _ in range(3):
+        refused = limiter.hit(key, limit)
+        assert not refused.allowed
+        assert refused.remaining == 0
+        assert 1 <= refused.retry_after <= 60
+        # The contract: Retry-After is never earlier than RateLimit's t.
+        assert refused.retry_after >= refused.reset
+
+
+def test_refused_hits_cost_nothing_and_retry_after_is_enough(limiter, ids):
+    """A client hammering a refused key does not push its quota further away, and a
+    client that waits Retry-After seconds gets through."""
+    key, limit = ids(), RateLimit(1, "second")
+    assert limiter.hit(key, limit).allowed
+    t0 = time.time()  # the allowed hit is counted no later than this
+    # Refusals spread over half the window: had they counted, the window that follows
+    # the allowed hit's expiry would still be full of them.
+    refusals = 0
+    while time.time() < t0 + 0.5 or refusals < 5:
+        state = limiter.hit(key, limit)
+        assert not state.allowed
+        assert state.retry_after >= max(1, state.reset)
+        refusals += 1
+        time.sleep(0.02)
+    time.sleep(max(0.0, t0 + 1.15 - time.time()))
+    assert limiter.hit(key, limit).allowed
+
+    refused = limiter.hit(key, limit)
+    assert not refused.allowed
+    time.sleep(refused.retry_after)
+    assert limiter.hit(key, limit).allowed
+
+
+def test_keys_are_independent(limiter, ids):
+    a, b, limit = ids(), ids(), RateLimit(2, "minute")
+    assert [limiter.hit(a, limit).allowed for _ in range(3)] == [True, True, False]
+    assert [limiter.hit(b, limit).allowed for _ in range(3)] == [True, True, False]
+    assert not limiter.hit(a, limit).allowed
+    c = ids()
+    assert limiter.hit(c, RateLimit(1, "day")).allowed
+
+
+# (limit, hits per thread): enough contention to expose a missing lock, within a second.
+CONTENTION = {"shared-memory": (40_000, 10_000), "limits-memory": (1_000, 250), "limits-redis": (100, 25)}
+
+
+def test_exact_under_thread_concurrency(limiter, ids, request):
+    key, threads = ids(), 8
+    amount, per_thread = CONTENTION[request.node.callspec.params["limiter"]]
+    limit = RateLimit(amount, "day")
+    barrier = threading.Barrier(threads)
+    allowed = [0] * threads
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        allowed[i] = sum(limiter.hit(key, limit).allowed for _ in range(per_thread))
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
+    try:
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert threads * per_thread == 2 * amount
+    assert sum(allowed) == amount
+
+
+# -- the embedded table: several processes, a full table, a damaged file -----------------
+
+
+PROCESS_LIMIT = RateLimit(20_000, "day")
+
+
+def _hammer(path: str, key: str, hits: int, start, out, index: int) -> None:  # noqa: ANN001
+    lim = SharedMemoryLimiter(path)  # each process maps the file itself, as a worker does
+    start.wait()
+    out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
+    lim.close()
+
+
+def test_shared_memory_is_exact_across_processes(tmp_path):
+    """Four processes (gunicorn workers, say) opening the same file share one limit:
+    40,000 hits against 20,000/day give exactly 20,000 successes in total."""
+    ctx = multiprocessing.get_context("fork")
+    path, procs_n, hits = str(tmp_path / "ratelimits.mmap"), 4, 10_000
+    start = ctx.Event()
+    out = ctx.Array("i", procs_n, lock=False)
+    procs = [ctx.Process(target=_hammer, args=(path, "sharedkey001", hits, start, out, i))
+             for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)  # let them all map the file; correctness doesn't depend on it
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sum(out) == PROCESS_LIMIT.amount
+    assert min(out) > 0  # every process got some: they really did compete
+    # The parent sees the same exhausted key.
+    again = SharedMemoryLimiter(path)
+    assert not again.hit("sharedkey001", PROCESS_LIMIT).allowed
+    again.close()
+
+
+def test_shared_memory_survives_a_worker_restart(tmp_path):
+    path, limit = tmp_path / "ratelimits.mmap", RateLimit(2, "day")
+    first = SharedMemoryLimiter(path)
+    assert [first.hit("restartkey01", limit).allowed for _ in range(3)] == [True, True, False]
+    first.close()
+    again = SharedMemoryLimiter(path)  # a restarted worker must not get a fresh quota
+    assert not again.hit("restartkey01", limit).allowed
+    again.close()
+
+
+def test_a_full_table_never_wrongly_refuses(tmp_path):
+    """Far more live keys than slots: keys may be evicted (and so get a fresh quota),
+    but no key is ever refused within its limit."""
+    lim = SharedMemoryLimiter(tmp_path / "small.mmap", slots=4)
+    keys = [f"fullkey{i:05d}" for i in range(40)]
+    limit = RateLimit(3, "day")
+    for _ in range(3):
+        for key in keys:
+            assert lim.hit(key, limit).allowed, key
+    # A key that keeps its cell (nobody else competes meanwhile) is limited exactly.
+    assert [lim.hit("lonekey00001", limit).allowed for _ in range(10)] == [True] * 3 + [False] * 7
+    lim.close()
+
+
+def _works_from_scratch(lim: SharedMemoryLimiter, key: str = "damagedkey01") -> None:
+    limit = RateLimit(3, "day")
+    assert [lim.hit(key, limit).allowed for _ in range(4)] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "other-size"])
+def test_a_damaged_table_file_is_reset(tmp_path, damage):
+    path = tmp_path / "ratelimits.mmap"
+    lim = SharedMemoryLimiter(path, slots=64)
+    lim.hit("damagedkey01", RateLimit(3, "day"))
+    lim.close()
+    size = path.stat().st_size
+    if damage == "garbage":
+        path.write_bytes(os.urandom(size))
+    elif damage == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(size // 2)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(path.read_bytes() + b"\0" * 4096)
+    lim = SharedMemoryLimiter(path, slots=64)
+    _works_from_scratch(lim)
+    lim.close()
+    assert path.stat().st_size == size
+
+
+def test_garbage_cells_never_refuse_a_new_key(tmp_path):
+    """A table whose cells hold random bytes (a valid header over junk) still gives every
+    key its full quota and enforces it."""
+    path = tmp_path / "ratelimits.mmap"
+    SharedMemoryLimiter(path, slots=256).close()
+    with open(path, "r+b") as f:
+        f.seek(64)
+        f.write(os.urandom(path.stat().st_size - 64))
+    lim = SharedMemoryLimiter(path, slots=256)
+    for i in range(50):
+        _works_from_scratch(lim, f"junkkey{i:05d}")
+    lim.close()
+
+
+def test_an_unreachable_redis_is_reported_not_crashed():
+    lim = LimitsLimiter(UNREACHABLE_REDIS)
+    with pytest.raises(RateLimitUnavailable) as e:
+        lim.hit("anykey000001", RateLimit(5, "minute"))
+    assert e.value.status == 503
+
+
+def test_open_limiter_picks_the_backend(tmp_path):
+    embedded = open_limiter(None, tmp_path / "inst")
+    assert isinstance(embedded, SharedMemoryLimiter)
+    assert (tmp_path / "inst" / "ratelimits.mmap").exists()
+    embedded.close()
+    assert isinstance(open_limiter("memory://", tmp_path), LimitsLimiter)
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enable"])
+def test_a_bad_fail_open_value_names_the_variable(value, monkeypatch):
+    with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_FAIL_OPEN"):
+        load_settings({"RATELIMIT_FAIL_OPEN": value})
+    monkeypatch.setenv("KEYGATE_RATELIMIT_FAIL_OPEN", value)
+    with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_FAIL_OPEN"):
+        create_app({"DATABASE_URL": "memory://"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("1", True), ("true", True), ("YES", True), ("on", True),
+    ("0", False), ("false", False), ("no", False), ("", False), (None, False),
+])
+def test_fail_open_values(value, expected):
+    overrides = {} if value is None else {"RATELIMIT_FAIL_OPEN": value}
+    assert load_settings(overrides).ratelimit_fail_open is expected
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("RATELIMIT_STORAGE_URL", "mongodb://127.0.0.1"),
+    ("RATELIMIT_STORAGE_URL", "127.0.0.1:6379"),
+    ("DEFAULT_RATE_LIMIT", "lots"),
+    ("DEFAULT_RATE_LIMIT", "0/minute"),
+])
+def test_bad_limit_settings_name_the_variable(name, value):
+    with pytest.raises(ConfigError, match="KEYGATE_" + name):
+        load_settings({name: value})
+
+
+def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
+    result = run_cli({**env, "KEYGATE_RATELIMIT_FAIL_OPEN": "perhaps"}, "serve", "--port", "1")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "KEYGATE_RATELIMIT_FAIL_OPEN" in lines[0]
+
+
+@pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999"])
+def test_serve_refuses_a_bad_storage_url_in_one_line(env, url):
+    """Caught before gunicorn starts, not as a traceback in every worker that boots."""
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    result = run_cli({**env, "KEYGATE_RATELIMIT_STORAGE_URL": url}, "serve", "--port", "1", timeout=30)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "KEYGATE_RATELIMIT_STORAGE_URL" in lines[0], result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP, through the Flask test client
+# ---------------------------------------------------------------------------------------
+
+_RATELIMIT_RE = re.compile(r'"key";r=(\d+);t=(\d+)')
+
+
+def ratelimit_field(resp) -> tuple[int, int]:  # noqa: ANN001
+    """``RateLimit: "key";r=R;t=T`` → (R, T)."""
+    m = _RATELIMIT_RE.fullmatch(resp.headers["RateLimit"])
+    assert m, resp.headers["RateLimit"]
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture
+def make_app(tmp_path):  # noqa: ANN201
+    """``make_app(store=None, **settings)`` → (app, store); a memory store by default."""
+    made = []
+
+    def make(store=None, **config):  # noqa: ANN001, ANN202
+        if store is None:
+            store = open_store("memory://")
+            store.migrate()
+        config.setdefault("INSTANCE_PATH", str(tmp_path / "instance"))
+        app = create_app(config, store=store)
+        made.append(app)
+        return app, store
+
+    yield make
+    for app in made:
+        app.extensions["keygate.usage"].close()
+        app.extensions["keygate.ratelimits"].limiter.close()
+
+
+def new_key(store, rate_limit=None, scopes=("secret:read", "data:read"), name="client"):  # noqa: ANN001, ANN201
+    issued = issue_key(store, name=name, scopes=list(scopes), rate_limit=rate_limit)
+    return issued.plaintext, issued.record.id
+
+
+def assert_rate_limited(resp, limit: int, window: int = 60) -> None:  # noqa: ANN001
+    assert resp.status_code == 429
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    body = resp.get_json(force=True)
+    assert body["code"] == "rate_limited"
+    assert body["status"] == 429
+    assert {"type", "title", "detail", "instance"} <= body.keys()
+    retry_after = int(resp.headers["Retry-After"])
+    assert 1 <= retry_after <= window
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert resp.headers["RateLimit-Policy"] == f'"key";q={limit};w={window}'
+    remaining, t = ratelimit_field(resp)
+    assert remaining == 0
+    assert retry_after >= t  # never earlier than t
+
+
+def test_a_key_limited_to_5_per_minute_gets_exactly_5_then_429(make_app):
+    app, store = make_app()
+    plaintext, _ = new_key(store, "5/minute")
+    client = app.test_client()
+    before = int(time.time())
+    for expected_remaining in [4, 3, 2, 1, 0]:
+        resp = client.get("/secret", headers={"API-Key": plaintext})
+        assert resp.status_code == 200
+        assert resp.get_json()["message"] == "Welcome to the secret page!"
+        assert resp.headers["RateLimit-Policy"] == '"key";q=5;w=60'
+        remaining, t = ratelimit_field(resp)
+        assert remaining == expected_remaining
+        assert 1 <= t <= 60
+        assert resp.headers["X-RateLimit-Limit"] == "5"
+        assert resp.headers["X-RateLimit-Remaining"] == str(remaining)
+        assert before <= int(resp.headers["X-RateLimit-Reset"]) <= int(time.time()) + 61
+        assert resp.headers["Cache-Control"] == "no-store"
+    for _ in range(3):
+        resp = client.get("/secret", headers={"API-Key": plaintext})
+        assert_rate_limited(resp, 5)
+        assert resp.headers["X-RateLimit-Remaining"] == "0"
+        assert "Welcome" not in resp.get_data(as_text=True)
+
+
+def test_keys_without_their_own_limit_use_the_default(make_app, monkeypatch):
+    monkeypatch.setenv("KEYGATE_DEFAULT_RATE_LIMIT", "3/minute")
+    app, store = make_app()
+    default_key, _ = new_key(store)
+    own_key, _ = new_key(store, "5/minute")
+    client = app.test_client()
+    codes = [client.get("/secret", headers={"API-Key": default_key}).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    assert_rate_limited(client.get("/secret", headers={"API-Key": default_key}), 3)
+    codes = [client.get("/secret", headers={"API-Key": own_key}).status_code for _ in range(6)]
+    assert codes == [200] * 5 + [429]
+
+
+def test_the_default_default_is_600_per_minute(make_app):
+    app, store = make_app()
+    plaintext, _ = new_key(store)
+    resp = app.test_client().get("/secret", headers={"API-Key": plaintext})
+    assert resp.headers["RateLimit-Policy"] == '"key";q=600;w=60'
+    assert ratelimit_field(resp)[0] == 599
+
+
+def test_other_keys_are_unaffected(make_app):
+    app, store = make_app()
+    noisy, _ = new_key(store, "2/minute")
+    quiet, _ = new_key(store, "2/minute")
+    client = app.test_client()
+    assert [client.get("/secret", headers={"API-Key": noisy}).status_code for _ in range(5)] == \
+        [200, 200, 429, 429, 429]
+    resp = client.get("/secret", headers={"API-Key": quiet})
+    assert resp.status_code == 200
+    assert ratelimit_field(resp)[0] == 1
+    assert client.get("/secret", headers={"API-Key": noisy}).status_code == 429
+    # Requests without a valid key are refused for what they are, not rate-limited.
+    assert client.get("/secret").status_code == 401
+    assert client.get("/healthz").status_code == 200
+
+
+def test_other_routes_share_the_keys_limit(make_app):
+    app, store = make_app()
+    plaintext, _ = new_key(store, "3/minute")
+    client = app.test_client()
+    h = {"API-Key": plaintext}
+    assert [client.get(p, headers=h).status_code for p in ["/secret", "/data", "/secret"]] == [200] * 3
+    assert_rate_limited(client.get("/data", headers=h), 3)
+
+
+def test_token_requests_count_against_the_parent_key(make_app):
+    app, store = make_app()
+    plaintext, _ = new_key(store, "4/minute")
+    client = app.test_client()
+    minted = client.post("/tokens", headers={"API-Key": plaintext}, json={"scopes": ["data:read"]})
+    assert minted.status_code == 201  # minting is an authorised request: 1 of 4
+    token = minted.get_json()["token"]
+    for expected_remaining in [2, 1, 0]:
+        resp = client.get("/data", query_string={"token": token})
+        assert resp.status_code == 200
+        assert resp.headers["RateLimit-Policy"] == '"key";q=4;w=60'
+        assert ratelimit_field(resp)[0] == expected_remaining
+    assert_rate_limited(client.get("/data", query_string={"token": token}), 4)
+    # ... and the key itself is spent too: a token is not a second quota.
+    assert_rate_limited(client.get("/secret", headers={"API-Key": plaintext}), 4)
+    second = client.post("/tokens", headers={"API-Key": plaintext})
+    assert second.status_code == 429
+
+
+def test_the_admin_api_rate_limit_flows_through(make_app):
+    app, store = make_app()
+    admin, _ = new_key(store, scopes=["admin"], name="admin")
+    client = app.test_client()
+    h = {"API-Key": admin}
+    created = client.post("/admin/keys", headers=h, json={
+        "name": "limited", "scopes": ["secret:read"], "rate_limit": " 3 / minute"})
+    assert created.status_code == 201
+    body = created.get_json()
+    assert body["rate_limit"] == "3/minute"
+    assert client.get(f"/admin/keys/{body['id']}", headers=h).get_json()["rate_limit"] == "3/minute"
+    listed = {k["id"]: k for k in client.get("/admin/keys", headers=h).get_json()["keys"]}
+    assert listed[body["id"]]["rate_limit"] == "3/minute"
+    unlimited = client.post("/admin/keys", headers=h, json={"name": "u", "scopes": ["secret:read"]})
+    assert unlimited.get_json()["rate_limit"] is None
+
+    codes = [client.get("/secret", headers={"API-Key": body["key"]}).status_code for _ in range(3)]
+    assert codes == [200] * 3
+    assert_rate_limited(client.get("/secret", headers={"API-Key": body["key"]}), 3)
+    assert client.get("/secret", headers={"API-Key": unlimited.get_json()["key"]}).status_code == 200
+
+    # A rotated key keeps its limit.
+    rotated = client.post(f"/admin/keys/{body['id']}/rotate", headers=h, json={})
+    assert rotated.status_code == 201
+    assert rotated.get_json()["rate_limit"] == "3/minute"
+    codes = [client.get("/secret", headers={"API-Key": rotated.get_json()["key"]}).status_code
+             for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+
+
+@pytest.mark.parametrize("bad", ["lots", "3/fortnight", "0/minute", "-1/second", 5, ["1/second"]])
+def test_the_admin_api_refuses_a_bad_rate_limit(make_app, bad):
+    app, store = make_app()
+    admin, _ = new_key(store, scopes=["admin"], name="admin")
+    resp = app.test_client().post("/admin/keys", headers={"API-Key": admin}, json={
+        "name": "x", "scopes": ["secret:read"], "rate_limit": bad})
+    assert resp.status_code == 400
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    body = resp.get_json(force=True)
+    assert body["code"] == "invalid_request"
+    assert "rate_limit" in body["detail"]
+    assert store.count() == 1
+
+
+def test_the_cli_rate_limit_flows_through(env, make_app):
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    result = run_cli(env, "create-key", "--name", "cli", "--scope", "secret:read",
+                     "--rate-limit", "3/minute", "--json")
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    assert created["rate_limit"] == "3/minute"
+    shown = json.loads(run_cli(env, "show-key", created["id"], "--json").stdout)
+    assert shown["rate_limit"] == "3/minute"
+
+    store = open_store(env["KEYGATE_DATABASE_URL"])
+    app, _ = make_app(store=store, INSTANCE_PATH=env["KEYGATE_INSTANCE_PATH"])
+    client = app.test_client()
+    codes = [client.get("/secret", headers={"API-Key": created["key"]}).status_code for _ in range(3)]
+    assert codes == [200] * 3
+    assert_rate_limited(client.get("/secret", headers={"API-Key": created["key"]}), 3)
+    store.close()
+
+    bad = run_cli(env, "create-key", "--name", "bad", "--scope", "secret:read", "--rate-limit", "3/fortnight")
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "rate" in bad.stderr.lower()
+
+
+def test_apps_sharing_an_instance_dir_share_the_limit(make_app, tmp_path):
+    """The in-process picture of several workers on one host: one table, one limit."""
+    app1, store = make_app(INSTANCE_PATH=str(tmp_path / "host"))
+    app2, _ = make_app(store=store, INSTANCE_PATH=str(tmp_path / "host"))
+    plaintext, _ = new_key(store, "4/minute")
+    clients = [app1.test_client(), app2.test_client()]
+    codes = [clients[i % 2].get("/secret", headers={"API-Key": plaintext}).status_code for i in range(10)]
+    assert codes == [200] * 4 + [429] * 6
+
+
+def test_apps_on_one_redis_share_the_limit(make_app, tmp_path):
+    need_redis()
+    app1, store = make_app(RATELIMIT_STORAGE_URL=REDIS_URL, INSTANCE_PATH=str(tmp_path / "host1"))
+    app2, _ = make_app(store=store, RATELIMIT_STORAGE_URL=REDIS_URL, INSTANCE_PATH=str(tmp_path / "host2"))
+    plaintext, key_id = new_key(store, "4/minute")
+    try:
+        clients = [app1.test_client(), app2.test_client()]
+        responses = [clients[i % 2].get("/secret", headers={"API-Key": plaintext}) for i in range(10)]
+        assert [r.status_code for r in responses] == [200] * 4 + [429] * 6
+        assert [ratelimit_field(r)[0] for r in responses[:4]] == [3, 2, 1, 0]
+        assert_rate_limited(responses[-1], 4)
+    finally:
+        forget_in_redis(key_id)
+
+
+# -- a limit store that is down ---------------------------------------------------------
+
+
+def _outage_lines(caplog) -> list[str]:  # noqa: ANN001
+    return [r.getMessage() for r in caplog.records
+            if r.name == "keygate.ratelimit" and "rate-limit store unavailable" in r.getMessage()]
+
+
+def test_an_unreachable_limit_store_fails_closed_by_default(make_app, caplog):
+    caplog.set_level(logging.WARNING)
+    app, store = make_app(RATELIMIT_STORAGE_URL=UNREACHABLE_REDIS)
+    plaintext, _ = new_key(store)
+    client = app.test_client()
+    for _ in range(5):
+        resp = client.get("/secret", headers={"API-Key": plaintext})
+        assert resp.status_code == 503
+        assert resp.headers["Content-Type"].startswith("application/problem+json")
+        body = resp.get_json(force=True)
+        assert body["status"] == 503
+        assert body["code"] != "internal_error"
+        assert "Welcome" not in resp.get_data(as_text=True)
+    lines = _outage_lines(caplog)
+    assert 1 <= len(lines) < 5, "one clear line, not one per request"
+    assert "KEYGATE_RATELIMIT_FAIL_OPEN" in lines[0] and "503" in lines[0]
+    # Nothing else breaks: health checks and unauthenticated refusals still answer.
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/secret").status_code == 401
+
+
+def test_an_unreachable_limit_store_fails_open_when_told(make_app, caplog):
+    caplog.set_level(logging.WARNING)
+    app, store = make_app(RATELIMIT_STORAGE_URL=UNREACHABLE_REDIS, RATELIMIT_FAIL_OPEN="1")
+    plaintext, key_id = new_key(store, "1/minute")
+    client = app.test_client()
+    for _ in range(3):  # the limit can't be checked, so it isn't enforced
+        resp = client.get("/secret", headers={"API-Key": plaintext})
+        assert resp.status_code == 200
+        assert resp.get_json()["message"] == "Welcome to the secret page!"
+    lines = _outage_lines(caplog)
+    assert lines and "letting requests through" in lines[0]
+    # Requests let through are still counted as usage.
+    app.extensions["keygate.usage"].flush()
+    assert store.get(key_id).use_count == 3
+
+
+# ---------------------------------------------------------------------------------------
+# Real servers
+# ---------------------------------------------------------------------------------------
+
+
+def cli_json(env, *args: str):  # noqa: ANN001, ANN201
+    result = run_cli(env, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def fresh_get(server, path: str, key: str):  # noqa: ANN001, ANN201
+    """One request on its own connection, so every worker gets its share."""
+    with requests.Session() as s:
+        return s.get(server.url + path, headers={"API-Key": key, "Connection": "close"}, timeout=10)
+
+
+def assert_real_429(resp, limit: int) -> None:  # noqa: ANN001
+    assert resp.status_code == 429
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    assert resp.json()["code"] == "rate_limited"
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert resp.headers["RateLimit-Policy"] == f'"key";q={limit};w=60'
+    assert int(resp.headers["Retry-After"]) >= ratelimit_field(resp)[1]
+
+
+@pytest.mark.slow
+def test_two_workers_do_not_multiply_the_limit(env, start_server):
+    cli_json(env, "init")
+    a = cli_json(env, "create-key", "--name", "a", "--scope", "secret:read", "--rate-limit", "5/minute")
+    b = cli_json(env, "create-key", "--name", "b", "--scope", "secret:read", "--rate-limit", "10/hour")
+    c = cli_json(env, "create-key", "--name", "c", "--scope", "secret:read")
+    server = start_server(workers=2)
+    wait_for_workers(server, 2)
+
+    sequential = [fresh_get(server, "/secret", a["key"]) for _ in range(8)]
+    assert [r.status_code for r in sequential] == [200] * 5 + [429] * 3
+    assert_real_429(sequential[-1], 5)
+
+    # Concurrent requests keep both workers busy at once: still exactly the limit.
+    with ThreadPoolExecutor(8) as pool:
+        codes = Counter(pool.map(lambda _: fresh_get(server, "/secret", b["key"]).status_code, range(30)))
+    assert codes == {200: 10, 429: 20}
+
+    assert [fresh_get(server, "/secret", c["key"]).status_code for _ in range(4)] == [200] * 4
+    assert fresh_get(server, "/secret", a["key"]).status_code == 429
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_redis_share_the_limit(env, start_server, tmp_path):
+    need_redis()
+    cli_json(env, "init")
+    shared = cli_json(env, "create-key", "--name", "shared", "--scope", "secret:read", "--rate-limit", "20/minute")
+    other = cli_json(env, "create-key", "--name", "other", "--scope", "secret:read", "--rate-limit", "20/minute")
+    try:
+        first = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": REDIS_URL})
+        # A second "host": its own instance dir (so no shared table), the same store.
+        (tmp_path / "host2").mkdir()
+        second = start_server(workers=1, env_overrides={
+            "KEYGATE_RATELIMIT_STORAGE_URL": REDIS_URL,
+            "KEYGATE_INSTANCE_PATH": str(tmp_path / "host2" / "instance"),
+            "KEYGATE_DATABASE_URL": env["KEYGATE_DATABASE_URL"],
+        })
+        servers = [first, second]
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(
+                lambda i: fresh_get(servers[i % 2], "/secret", shared["key"]), range(40)))
+        codes = Counter(r.status_code for r in responses)
+        assert codes == {200: 20, 429: 20}
+        assert_real_429(next(r for r in responses if r.status_code == 429), 20)
+        for s in servers:
+            assert fresh_get(s, "/secret", shared["key"]).status_code == 429
+            assert fresh_get(s, "/secret", other["key"]).status_code == 200
+    finally:
+        forget_in_redis(shared["id"], other["id"])
+
+
+@pytest.mark.slow
+def test_a_server_whose_limit_store_is_down_says_so(env, start_server):
+    admin = cli_json(env, "init")["admin_key"]
+    server = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": UNREACHABLE_REDIS})
+    resp = server.get("/admin", headers={"API-Key": admin["key"]})
+    assert resp.status_code == 503
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    assert resp.json()["status"] == 503
+    assert server.get("/healthz").status_code == 200
+    output = server.output()
+    assert "rate-limit store unavailable" in output
+    assert "KEYGATE_RATELIMIT_FAIL_OPEN" in output
+    assert "Traceback" not in output
