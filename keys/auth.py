@@ -131,7 +131,10 @@ class KeyAuth:
         check_ip(principal.record, request.remote_addr)
         g.principal = principal
         if source.kind not in accept:
-            raise InsufficientScope(f"{source.description} can't open this resource", scope=scope)
+            needs = "" if scope is None else f"; it needs the {scope!r} scope"
+            via = " or ".join(s.description for s in self.sources if s.kind in accept)
+            raise InsufficientScope(f"{source.description} can't open this resource{needs} via {via}",
+                                    scope=scope)
         if scope is not None and not grants(principal.scopes, scope):
             raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
         return principal

@@ -34,5 +34,5 @@ def parse_scopes(values: Iterable[str], field: str = "scopes") -> tuple[str, ...
             )
         seen.add(value)
     if not seen:
-        raise InvalidRequest("at least one scope is required", field=field)
+        raise InvalidRequest(f"{field}: at least one scope is required", field=field)
     return tuple(s for s in ALL_SCOPES if s in seen)

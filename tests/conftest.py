@@ -163,7 +163,8 @@ class Server:
         return requests.request(method, self.url + path, timeout=10, **kw)
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:

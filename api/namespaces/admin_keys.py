@@ -23,6 +23,14 @@ def _actor() -> str:
     return f"key:{g.principal.key_id}"
 
 
+def _forget_cached_keys(auth: KeyAuth) -> None:
+    """A revocation or rotation made here takes effect here at once, not after the
+    verification cache's staleness bound (other processes still wait for it)."""
+    clear = getattr(auth.lookup, "clear", None)
+    if clear is not None:
+        clear()
+
+
 def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namespace]:
     ns = Namespace("admin-keys", path="/admin/keys", description="Manage keys (admin scope)")
     audit_ns = Namespace("admin-audit", path="/admin/audit", description="Audit trail (admin scope)")
@@ -73,7 +81,9 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
                 scopes=string_list(body["scopes"], "scopes"),
                 expires_in=seconds(body.get("expires_in"), "expires_in"),
                 rate_limit=optional_string(body.get("rate_limit"), "rate_limit"),
-                allowed_ips=string_list(body.get("allowed_ips") or [], "allowed_ips"),
+                # `or []` would take {}, "" or false for "anywhere": only null (or omitted) means that.
+                allowed_ips=string_list(body["allowed_ips"], "allowed_ips")
+                if body.get("allowed_ips") is not None else [],
                 actor=_actor(),
             )
             return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
@@ -94,6 +104,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
         def delete(self, key_id: str) -> Response:
             """Revoke a key now; its query tokens die with it."""
             revoke_key(store, key_id, actor=_actor())
+            _forget_cached_keys(auth)
             return Response(status=204)
 
     @ns.route("/<string:key_id>/rotate")
@@ -107,6 +118,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             body = json_body({"grace"})
             grace = seconds(body.get("grace"), "grace")
             issued = rotate_key(store, key_id, grace=grace, actor=_actor())
+            _forget_cached_keys(auth)
             return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
                     {"Location": f"/admin/keys/{issued.record.id}"})
 

@@ -1,0 +1,535 @@
+"""``python manage.py …``: the command line as a user meets it.
+
+Most cases run twice over: in-process through click's ``CliRunner`` (fast, and
+able to pass values a real argv cannot, such as NUL) and as real subprocesses
+(the actual stdout/stderr a shell sees). Every failure must be one line on
+stderr (or click's short usage block), a non-zero exit, no traceback, and
+nothing written to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from api.cli import cli
+from conftest import ROOT, free_port, run_cli
+from keys import KeyRevoked, generate_key, hash_key, open_store, verify_key
+
+KEY_RE = re.compile(r"kg_[0-9A-Za-z]{50}")
+KEY_LINE_RE = re.compile(r"^(kg_[0-9A-Za-z]{50})$", re.M)
+# What the contract promises in every metadata object (the code may add more).
+METADATA_FIELDS = {"id", "name", "scopes", "created_at", "expires_at", "revoked_at",
+                   "last_used_at", "rate_limit", "allowed_ips"}
+COMMANDS = ["init", "create-key", "list-keys", "show-key", "revoke-key", "rotate-key",
+            "mint-token", "serve"]
+
+
+def assert_clean_failure(returncode: int, stderr: str, *, names: str | None = None) -> None:
+    """Non-zero exit; stderr is one ``error:`` line, or click's own short usage block."""
+    assert returncode != 0, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert lines, "a failure must say why on stderr"
+    if lines[0].startswith("Usage:"):  # click's usage error: Usage / Try --help / blank / Error…
+        # (click lists the choices of a missing Choice option on a few more lines)
+        assert len(lines) <= 8 and lines[3].startswith("Error:"), stderr
+    else:
+        assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    if names is not None:
+        assert names in stderr, stderr
+
+
+def iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+# -- in-process (CliRunner) -----------------------------------------------------------------
+
+
+class Cli:
+    """``CliRunner`` on a store of its own; ``count()`` reads the store directly."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | None = None):  # noqa: ANN204
+        result = self.runner.invoke(cli, list(args), input=input, prog_name="manage.py")
+        # An escaped exception is a bug even if click turned it into exit code 1.
+        assert result.exception is None or isinstance(result.exception, SystemExit), (
+            f"{args} raised {result.exception!r}\n{result.stderr}"
+        )
+        return result
+
+    def count(self) -> int:
+        store = open_store(self.url)
+        try:
+            return store.count()
+        finally:
+            store.close()
+
+    def ok(self, *args: str, input: str | None = None):  # noqa: ANN201
+        result = self(*args, input=input)
+        assert result.exit_code == 0, result.stderr
+        return result
+
+    def create(self, *args: str) -> dict:
+        return json.loads(self.ok("create-key", *args, "--json").stdout)
+
+
+@pytest.fixture
+def kg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Cli:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    monkeypatch.setenv("KEYGATE_DATABASE_URL", url)
+    return Cli(url)
+
+
+@pytest.fixture
+def ready(kg: Cli) -> Cli:
+    kg.ok("init", "--no-admin-key")
+    return kg
+
+
+def test_init_prints_one_admin_key_on_stdout_then_none(kg: Cli) -> None:
+    first = kg.ok("init")
+    lines = first.stdout.splitlines()
+    assert len(lines) == 1 and KEY_RE.fullmatch(lines[0]), first.stdout
+    assert "admin" in first.stderr
+    store = open_store(kg.url)
+    assert verify_key(store, lines[0]).scopes == ("admin",)
+    store.close()
+
+    again = kg.ok("init")
+    assert again.stdout == ""
+    assert kg.count() == 1
+
+
+def test_init_json(kg: Cli) -> None:
+    out = json.loads(kg.ok("init", "--json").stdout)
+    assert isinstance(out["schema_version"], int) and out["schema_version"] >= 1
+    admin = out["admin_key"]
+    assert METADATA_FIELDS <= admin.keys() and "key_hash" not in admin
+    assert admin["scopes"] == ["admin"] and KEY_RE.fullmatch(admin["key"])
+
+    again = json.loads(kg.ok("init", "--json").stdout)
+    assert again == {"schema_version": out["schema_version"], "admin_key": None}
+
+
+def test_init_no_admin_key_then_plain_init_creates_one(kg: Cli) -> None:
+    result = kg.ok("init", "--no-admin-key")
+    assert result.stdout == "" and kg.count() == 0
+    # The store still has no key at all, so a plain init offers the admin key now.
+    assert KEY_RE.fullmatch(kg.ok("init").stdout.strip())
+    assert kg.count() == 1
+
+
+def test_create_key_with_every_option_json(ready: Cli) -> None:
+    out = ready.create("--name", "billing service", "--scope", "secret:read", "--scope", "data:read",
+                       "--expires-in", "30d", "--rate-limit", "10/second",
+                       "--allow-ip", "10.0.0.0/8", "--allow-ip", "2001:db8::/32")
+    assert METADATA_FIELDS | {"key"} <= out.keys()
+    assert "key_hash" not in out
+    assert out["name"] == "billing service"
+    assert set(out["scopes"]) == {"secret:read", "data:read"}
+    assert out["rate_limit"] == "10/second"
+    assert out["allowed_ips"] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert out["revoked_at"] is None and out["last_used_at"] is None
+    assert (iso(out["expires_at"]) - iso(out["created_at"])).total_seconds() == 30 * 86400
+    assert out["created_at"].endswith("Z")
+
+    store = open_store(ready.url)
+    record = verify_key(store, out["key"])
+    store.close()
+    assert record.id == out["id"] and record.allowed_ips == ("10.0.0.0/8", "2001:db8::/32")
+    assert ready.count() == 1
+
+
+def test_create_key_plain_prints_only_the_key_on_stdout(ready: Cli) -> None:
+    result = ready.ok("create-key", "--name", "n", "--scope", "admin")
+    key = result.stdout.strip()
+    assert result.stdout == key + "\n" and KEY_RE.fullmatch(key)
+    assert key not in result.stderr  # the id and advice go to stderr, the secret only to stdout
+    assert key[3:15] in result.stderr  # the id
+
+
+def test_list_and_show_never_reveal_a_secret(ready: Cli) -> None:
+    made = [ready.create("--name", f"k{i}", "--scope", "data:read") for i in range(3)]
+    secrets_ = [m["key"] for m in made] + [hash_key(m["key"]) for m in made]
+
+    listed_json = ready.ok("list-keys", "--json").stdout
+    listed = json.loads(listed_json)
+    assert isinstance(listed, list)
+    assert sorted(m["id"] for m in listed) == sorted(m["id"] for m in made)
+    for m in listed:
+        assert METADATA_FIELDS <= m.keys() and "key" not in m and "key_hash" not in m
+    table = ready.ok("list-keys").stdout
+    for m in made:
+        assert m["id"] in table
+
+    shown_json = json.loads(ready.ok("show-key", made[0]["id"], "--json").stdout)
+    assert shown_json == {k: v for k, v in made[0].items() if k != "key"}
+    shown = ready.ok("show-key", made[0]["id"]).stdout
+    assert made[0]["id"] in shown and "k0" in shown
+
+    for text in (listed_json, table, json.dumps(shown_json), shown):
+        for s in secrets_:
+            assert s not in text
+        assert "key_hash" not in text
+
+
+def test_list_keys_json_on_an_empty_store(ready: Cli) -> None:
+    assert json.loads(ready.ok("list-keys", "--json").stdout) == []
+
+
+def test_revoke_by_id_twice_is_harmless(ready: Cli) -> None:
+    made = ready.create("--name", "n", "--scope", "secret:read")
+    first = ready.ok("revoke-key", made["id"])
+    assert made["id"] in first.stdout
+    revoked_at = json.loads(ready.ok("show-key", made["id"], "--json").stdout)["revoked_at"]
+    assert revoked_at is not None
+    ready.ok("revoke-key", made["id"])
+    assert json.loads(ready.ok("show-key", made["id"], "--json").stdout)["revoked_at"] == revoked_at
+    store = open_store(ready.url)
+    with pytest.raises(KeyRevoked):
+        verify_key(store, made["key"])
+    store.close()
+
+
+@pytest.mark.parametrize("via_stdin", [False, True], ids=["argument", "stdin"])
+def test_revoke_by_plaintext(ready: Cli, via_stdin: bool) -> None:
+    keep = ready.create("--name", "keep", "--scope", "secret:read")
+    leaked = ready.create("--name", "leaked", "--scope", "secret:read")
+    if via_stdin:
+        ready.ok("revoke-key", "--key", "-", input=leaked["key"] + "\n")
+    else:
+        ready.ok("revoke-key", "--key", leaked["key"])
+    listed = {m["id"]: m for m in json.loads(ready.ok("list-keys", "--json").stdout)}
+    assert listed[leaked["id"]]["revoked_at"] is not None
+    assert listed[keep["id"]]["revoked_at"] is None
+    # A revoked key can still be found (and re-revoked) by its value.
+    ready.ok("revoke-key", "--key", leaked["key"])
+
+
+@pytest.mark.parametrize("args", [
+    ["list-keys"], ["list-keys", "--json"],
+    ["create-key", "--name", "n", "--scope", "admin"],
+    ["show-key", "AAAAAAAAAAAA"], ["revoke-key", "AAAAAAAAAAAA"],
+    ["rotate-key", "AAAAAAAAAAAA"], ["mint-token", "AAAAAAAAAAAA"],
+], ids=lambda a: " ".join(a))
+def test_every_command_before_init_says_so_in_one_line(kg: Cli, args: list[str]) -> None:
+    result = kg(*args)
+    assert_clean_failure(result.exit_code, result.stderr, names="init")
+    assert result.stdout == ""
+
+
+def _key_like() -> str:
+    """Well-formed, valid checksum, but not in any store."""
+    return generate_key().plaintext
+
+
+def _bad_inputs() -> list:
+    create = ["create-key", "--name", "n", "--scope", "secret:read"]
+    cases = {
+        # durations
+        "expires 0s": create + ["--expires-in", "0s"],
+        "expires 1w": create + ["--expires-in", "1w"],
+        "expires -5m": create + ["--expires-in", "-5m"],
+        "expires abc": create + ["--expires-in", "abc"],
+        "expires empty": create + ["--expires-in", ""],
+        # scopes
+        "scope superuser": ["create-key", "--name", "n", "--scope", "superuser"],
+        "scope empty": ["create-key", "--name", "n", "--scope", ""],
+        "no scope": ["create-key", "--name", "n"],
+        # CIDRs
+        "cidr host bits": create + ["--allow-ip", "10.0.0.1/8"],
+        "cidr 300": create + ["--allow-ip", "300.1.1.1"],
+        "cidr v6 /129": create + ["--allow-ip", "::1/129"],
+        "cidr junk": create + ["--allow-ip", "not-a-network"],
+        "cidr empty": create + ["--allow-ip", ""],
+        "cidr second bad": create + ["--allow-ip", "10.0.0.0/8", "--allow-ip", "10.0.0.0/33"],
+        # rate limits
+        "rate 5/week": create + ["--rate-limit", "5/week"],
+        "rate 0/minute": create + ["--rate-limit", "0/minute"],
+        "rate abc": create + ["--rate-limit", "abc"],
+        # names
+        "name empty": ["create-key", "--name", "", "--scope", "admin"],
+        "name blank": ["create-key", "--name", "   ", "--scope", "admin"],
+        "name 500": ["create-key", "--name", "x" * 500, "--scope", "admin"],
+        "name NUL": ["create-key", "--name", "a\x00b", "--scope", "admin"],
+        "name newline": ["create-key", "--name", "a\nb", "--scope", "admin"],
+        "no name": ["create-key", "--scope", "admin"],
+        # unknown ids and malformed --key
+        "show unknown id": ["show-key", "AAAAAAAAAAAA"],
+        "show malformed id": ["show-key", "../../etc"],
+        "revoke unknown id": ["revoke-key", "AAAAAAAAAAAA"],
+        "rotate unknown id": ["rotate-key", "AAAAAAAAAAAA"],
+        "mint unknown id": ["mint-token", "AAAAAAAAAAAA"],
+        "revoke --key junk": ["revoke-key", "--key", "kg_junk"],
+        "revoke --key not a key": ["revoke-key", "--key", "hello world"],
+        "revoke --key empty": ["revoke-key", "--key", ""],
+        "revoke --key unknown": ["revoke-key", "--key", _key_like()],
+        "revoke --key mistyped": ["revoke-key", "--key", _key_like()[:-1] + "!"],
+        "revoke neither": ["revoke-key"],
+        "revoke both": ["revoke-key", "AAAAAAAAAAAA", "--key", _key_like()],
+        "unknown option": create + ["--colour", "red"],
+        "unknown command": ["make-key"],
+    }
+    return [pytest.param(v, id=k) for k, v in cases.items()]
+
+
+@pytest.mark.parametrize("args", _bad_inputs())
+def test_bad_input_is_refused_in_one_line(ready: Cli, args: list[str]) -> None:
+    ready.create("--name", "existing", "--scope", "admin")
+    result = ready(*args)
+    assert_clean_failure(result.exit_code, result.stderr)
+    assert not KEY_RE.search(result.stdout)
+    assert ready.count() == 1
+
+
+def test_bad_input_names_the_problem(ready: Cli) -> None:
+    def stderr(*args: str) -> str:
+        result = ready(*args)
+        assert result.exit_code != 0
+        return result.stderr
+
+    create = ["create-key", "--name", "n", "--scope", "admin"]
+    assert "1w" in stderr(*create, "--expires-in", "1w")
+    assert "10.0.0.1/8" in stderr(*create, "--allow-ip", "10.0.0.1/8")
+    assert "5/week" in stderr(*create, "--rate-limit", "5/week")
+    assert "superuser" in stderr("create-key", "--name", "n", "--scope", "superuser")
+    assert "AAAAAAAAAAAA" in stderr("show-key", "AAAAAAAAAAAA")
+    assert ready.count() == 0
+
+
+def test_revoke_key_from_empty_stdin_is_refused(ready: Cli) -> None:
+    result = ready("revoke-key", "--key", "-", input="")
+    assert_clean_failure(result.exit_code, result.stderr)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(kg: Cli, command: str) -> None:
+    result = kg.ok(command, "--help")
+    assert result.stdout.startswith("Usage:") and command in result.stdout
+    expected = {
+        "init": ["--json", "--no-admin-key"],
+        "create-key": ["--name", "--scope", "--expires-in", "--rate-limit", "--allow-ip", "--json"],
+        "list-keys": ["--json"],
+        "show-key": ["--json"],
+        "revoke-key": ["--key"],
+        "rotate-key": ["--grace", "--json"],
+        "mint-token": ["--scope", "--ttl", "--json"],
+        "serve": ["--host", "--port", "--workers"],
+    }[command]
+    for option in expected:
+        assert option in result.stdout
+    assert not Path(kg.url.removeprefix("sqlite:///")).exists()  # --help touches nothing
+
+
+def test_top_level_help_lists_every_command(kg: Cli) -> None:
+    out = kg.ok("--help").stdout
+    for command in COMMANDS:
+        assert command in out
+
+
+BAD_CONFIG = [
+    ("KEYGATE_DATABASE_URL", "mysql://x"),
+    ("KEYGATE_DATABASE_URL", "not a url"),
+    ("KEYGATE_SECRET_KEY", "short"),
+    ("KEYGATE_RATELIMIT_STORAGE_URL", "ftp://x"),
+    ("KEYGATE_DEFAULT_RATE_LIMIT", "lots"),
+    ("KEYGATE_TOKEN_MAX_TTL", "forever"),
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_CONFIG, ids=[f"{k}={v}" for k, v in BAD_CONFIG])
+@pytest.mark.parametrize("command", [["init"], ["list-keys"], ["create-key", "--name", "n", "--scope", "admin"],
+                                     ["serve", "--port", "1"]], ids=lambda c: c[0])
+def test_bad_configuration_in_process(ready: Cli, monkeypatch: pytest.MonkeyPatch, var: str, value: str,
+                                      command: list[str]) -> None:
+    monkeypatch.setenv(var, value)
+    result = ready(*command)
+    assert_clean_failure(result.exit_code, result.stderr, names=var)
+    monkeypatch.delenv(var)
+    assert ready.count() == 0
+
+
+# -- real subprocesses -------------------------------------------------------------------------
+
+
+def test_subprocess_lifecycle(env: dict[str, str]) -> None:
+    first = run_cli(env, "init")
+    assert first.returncode == 0, first.stderr
+    admin = first.stdout.strip()
+    assert first.stdout == admin + "\n" and KEY_RE.fullmatch(admin)
+    again = run_cli(env, "init")
+    assert again.returncode == 0 and again.stdout == ""
+
+    made = run_cli(env, "create-key", "--name", "svc", "--scope", "secret:read", "--scope", "data:read",
+                   "--expires-in", "12h", "--rate-limit", "100/minute", "--allow-ip", "127.0.0.0/8",
+                   "--json")
+    assert made.returncode == 0, made.stderr
+    meta = json.loads(made.stdout)
+    assert METADATA_FIELDS | {"key"} <= meta.keys() and "key_hash" not in meta
+
+    listed = run_cli(env, "list-keys", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(m["id"] for m in json.loads(listed.stdout)) == sorted([admin[3:15], meta["id"]])
+    for secret in (admin, meta["key"], hash_key(admin), hash_key(meta["key"])):
+        assert secret not in listed.stdout + listed.stderr
+
+    shown = run_cli(env, "show-key", meta["id"], "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == meta["id"]
+
+    revoked = run_cli(env, "revoke-key", "--key", "-", input=meta["key"] + "\n")
+    assert revoked.returncode == 0, revoked.stderr
+    assert meta["key"] not in revoked.stdout + revoked.stderr
+    twice = run_cli(env, "revoke-key", meta["id"])
+    assert twice.returncode == 0, twice.stderr
+    after = json.loads(run_cli(env, "show-key", meta["id"], "--json").stdout)
+    assert after["revoked_at"] is not None
+
+    assert run_cli(env, "--help").returncode == 0
+
+
+def test_subprocess_before_init(env: dict[str, str]) -> None:
+    for args in (["list-keys"], ["create-key", "--name", "n", "--scope", "admin"],
+                 ["serve", "--port", str(free_port())]):
+        result = run_cli(env, *args, timeout=30)
+        assert_clean_failure(result.returncode, result.stderr, names="init")
+        assert result.stdout == ""
+
+
+@pytest.mark.slow
+def test_subprocess_bad_input(env: dict[str, str]) -> None:
+    """A representative case of each kind, on a real stderr."""
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    create = ["create-key", "--name", "n", "--scope", "secret:read"]
+    cases = [
+        create + ["--expires-in", "1w"],
+        ["create-key", "--name", "n", "--scope", "superuser"],
+        create + ["--allow-ip", "::1/129"],
+        create + ["--rate-limit", "0/minute"],
+        ["create-key", "--name", "x" * 500, "--scope", "admin"],
+        ["create-key", "--name", "a\nb", "--scope", "admin"],
+        ["show-key", "AAAAAAAAAAAA"],
+        ["revoke-key", "--key", _key_like()],
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda a: run_cli(env, *a), cases))
+    for args, result in zip(cases, results):
+        assert_clean_failure(result.returncode, result.stderr)
+        assert result.stdout == "", args
+    listed = run_cli(env, "list-keys", "--json")
+    assert json.loads(listed.stdout) == []
+
+
+@pytest.mark.slow
+def test_subprocess_bad_configuration(env: dict[str, str]) -> None:
+    """A normal command and ``serve``: one line naming the variable, before any port is bound."""
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    cases = []
+    for var, value in BAD_CONFIG[:5]:
+        for command in (["list-keys"], ["serve", "--port", str(free_port())]):
+            cases.append((var, {**env, var: value}, command))
+    # An unreachable database: a driver error that spans several lines must still be one.
+    cases.append(("KEYGATE_DATABASE_URL",
+                  {**env, "KEYGATE_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/x"},
+                  ["list-keys"]))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: run_cli(c[1], *c[2], timeout=30), cases))
+    for (var, _env, command), result in zip(cases, results):
+        assert_clean_failure(result.returncode, result.stderr, names=var if "postgresql" not in
+                             _env["KEYGATE_DATABASE_URL"] else None)
+        assert result.stdout == "", command
+        assert "serving" not in result.stderr
+
+
+# -- crash safety and concurrency -------------------------------------------------------------
+
+
+def _db_path(env: dict[str, str]) -> str:
+    return env["KEYGATE_DATABASE_URL"].removeprefix("sqlite:///")
+
+
+def _spawn_create(env: dict[str, str], i: int, as_json: bool) -> subprocess.Popen[str]:
+    args = [sys.executable, str(ROOT / "manage.py"), "create-key", "--name", f"crash {i}",
+            "--scope", "secret:read", "--expires-in", "1d"]
+    return subprocess.Popen(args + (["--json"] if as_json else []), env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _printed_keys(stdout: str, as_json: bool) -> list[str]:
+    if as_json:
+        return re.findall(r'"key": "(kg_[0-9A-Za-z]{50})"', stdout)
+    return KEY_LINE_RE.findall(stdout)  # whole lines only: a torn line was never "shown"
+
+
+def _assert_store_sound(env: dict[str, str], shown: list[str]) -> list[dict]:
+    listed = run_cli(env, "list-keys", "--json")
+    assert listed.returncode == 0, listed.stderr
+    metadata = json.loads(listed.stdout)
+    with sqlite3.connect(_db_path(env)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    store = open_store(env["KEYGATE_DATABASE_URL"])
+    try:
+        for key in shown:
+            assert verify_key(store, key).id == key[3:15], "a key that was shown must work"
+    finally:
+        store.close()
+    return metadata
+
+
+@pytest.mark.slow
+def test_killed_create_key_never_loses_a_shown_key(env: dict[str, str]) -> None:
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    shown: list[str] = []
+    killed = 0
+    for wave in range(5):  # 5 waves of 4 concurrent writers, each SIGKILLed at a random moment
+        procs = [(_spawn_create(env, wave * 4 + j, as_json=bool(j % 2)), bool(j % 2)) for j in range(4)]
+        start = time.monotonic()
+        for (proc, as_json), delay in sorted(zip(procs, (rng.uniform(0.05, 1.2) for _ in procs)),
+                                             key=lambda p: p[1]):
+            time.sleep(max(0.0, start + delay - time.monotonic()))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+        for proc, as_json in procs:
+            out, _err = proc.communicate(timeout=30)
+            shown += _printed_keys(out, as_json)
+    print(f"seed={seed} killed={killed} shown={len(shown)}")
+
+    metadata = _assert_store_sound(env, shown)
+    assert {k[3:15] for k in shown} <= {m["id"] for m in metadata}
+    # The store is still writable: no lock or journal was left behind.
+    after = run_cli(env, "create-key", "--name", "after", "--scope", "admin")
+    assert after.returncode == 0, after.stderr
+    _assert_store_sound(env, shown + [after.stdout.strip()])
+
+
+@pytest.mark.slow
+def test_concurrent_create_key_all_succeed(env: dict[str, str]) -> None:
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    procs = [_spawn_create(env, i, as_json=True) for i in range(10)]
+    outputs = [(p.communicate(timeout=60), p.returncode) for p in procs]
+    for (_out, err), rc in outputs:
+        assert rc == 0, err
+    keys = [json.loads(out)["key"] for (out, _err), _rc in outputs]
+    assert len(set(keys)) == 10
+    metadata = _assert_store_sound(env, keys)
+    assert len(metadata) == 10
+
