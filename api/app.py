@@ -17,6 +17,7 @@ from keys.ratelimit import open_limiter
 from keys.tokens import TokenSigner
 from keys.usage import UsageRecorder
 
+from . import openapi
 from .config import Settings, load_settings
 from .problems import ProblemApi, register_problem_handlers
 from .ratelimits import RateLimits
@@ -92,9 +93,13 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         version="1.0",
         title="keygate",
         description="A JSON API secured by API keys. Authorize with a key (API-Key header) "
-        "or, on /data, a short-lived query token.",
+        "or, on /data, a short-lived query token. The full contract, with every error response "
+        "and header, is the OpenAPI 3.0.3 document at /openapi.json.",
         doc="/docs",
         authorizations=AUTHORIZATIONS,
+        # /docs shows openapi.yaml (served by openapi.register below); a copy of keygate
+        # installed without the file falls back to RESTX's own Swagger 2.0 document.
+        docs_spec_endpoint="openapi" if openapi.load_document() is not None else None,
     )
     from .namespaces import admin_keys, health, pages, tokens
 
@@ -103,6 +108,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
                *admin_keys.namespaces(auth, usage)]:
         api.add_namespace(ns)
 
+    openapi.register(app)  # GET /openapi.json: the full OpenAPI 3.0.3 contract
     register_problem_handlers(app)
     app.after_request(_security_headers)
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from flask import Flask, Response, request
+from flask import Flask, Response, request, url_for
 from flask_restx import Api
 from werkzeug.exceptions import HTTPException
 
@@ -82,7 +82,21 @@ def problem_response(e: BaseException) -> Response:
 
 
 class ProblemApi(Api):
-    """Flask-RESTX ``Api`` whose errors are problem+json like the rest of the app."""
+    """Flask-RESTX ``Api`` whose errors are problem+json like the rest of the app.
+
+    ``docs_spec_endpoint`` names the Flask endpoint whose document the Swagger UI at
+    ``doc`` shows, instead of Flask-RESTX's own Swagger 2.0 ``/swagger.json``.
+    """
+
+    def __init__(self, *args: object, docs_spec_endpoint: str | None = None, **kwargs: object) -> None:
+        self.docs_spec_endpoint = docs_spec_endpoint
+        super().__init__(*args, **kwargs)
+
+    @property
+    def specs_url(self) -> str:  # read by RESTX's swagger-ui.html template
+        if self.docs_spec_endpoint is None:
+            return super().specs_url
+        return url_for(self.docs_spec_endpoint)  # relative: right behind any proxy or host name
 
     def handle_error(self, e: Exception) -> Response:  # noqa: D102 (see class docstring)
         return problem_response(e)

@@ -1,0 +1,48 @@
+"""``GET /openapi.json``: the OpenAPI 3.0.3 contract (``openapi.yaml`` at the repo root) as JSON.
+
+A plain Flask route, not a Flask-RESTX resource, so it stays out of RESTX's own
+Swagger 2.0 document. The file is parsed once per process (per file version),
+not per request; it is the same document the tests check against the routes, and the one
+the Swagger UI at /docs shows (OpenAPI 3.0.3, which RESTX's bundled Swagger UI 4 renders).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from flask import Flask, Response
+
+from keys.exc import NotFound
+
+from .config import ROOT
+
+OPENAPI_PATH = ROOT / "openapi.yaml"
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@lru_cache(maxsize=4)
+def _rendered(path: Path, mtime_ns: int) -> str:
+    with path.open(encoding="utf-8") as f:
+        return json.dumps(yaml.load(f, Loader=_Loader))  # noqa: S506 (a safe loader)
+
+
+def load_document(path: Path = OPENAPI_PATH) -> str | None:
+    """The document as JSON text; ``None`` when this copy of keygate has no openapi.yaml."""
+    try:
+        return _rendered(path, path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        return None
+
+
+def register(app: Flask, path: Path = OPENAPI_PATH) -> None:
+    body = load_document(path)
+
+    def openapi_json() -> Response:
+        if body is None:
+            raise NotFound(f"{path.name} is not installed with this copy of keygate")
+        return Response(body, mimetype="application/json")
+
+    app.add_url_rule("/openapi.json", "openapi", openapi_json, methods=["GET"])
