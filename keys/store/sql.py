@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -99,13 +100,19 @@ class SqlKeyStore(KeyStore):
     def __init__(self, url: str, **engine_options: Any) -> None:
         try:
             sa_url = sa.make_url(url)
-        except sa.exc.ArgumentError:
-            raise ConfigError(f"KEYGATE_DATABASE_URL: cannot parse {url!r}") from None
+        except (sa.exc.ArgumentError, ValueError):  # ValueError: a non-numeric port
+            shown = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)  # never echo a password
+            raise ConfigError(f"KEYGATE_DATABASE_URL: cannot parse {shown!r}") from None
         if sa_url.get_backend_name() == "postgresql" and sa_url.drivername == "postgresql":
             sa_url = sa_url.set(drivername="postgresql+psycopg")
         self.backend = sa_url.get_backend_name()
         if self.backend == "sqlite" and sa_url.database not in (None, "", ":memory:"):
             os.makedirs(os.path.dirname(os.path.abspath(sa_url.database)), exist_ok=True)
+        if self.backend == "postgresql":
+            # Per gunicorn worker: one reader connection per serving thread (held) plus a
+            # small pool for management writes; pre-ping survives a database restart.
+            engine_options = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True,
+                              "pool_recycle": 1800, **engine_options}
         try:
             self.engine = sa.create_engine(sa_url, **engine_options)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
