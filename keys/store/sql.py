@@ -144,18 +144,22 @@ class SqlKeyStore(KeyStore):
         return conn
 
     def _fetch_one(self, sql: str, params: Any) -> Any:
-        try:
-            cur = self._reader().cursor()
+        # A held connection may have died (database restart, idle timeout): one retry
+        # on a fresh connection, then the outage is reported.
+        for attempt in (1, 2):
             try:
-                cur.execute(sql, params)
-                return cur.fetchone()
-            finally:
-                cur.close()
-        except Exception as e:
-            self._drop_reader()
-            if isinstance(e, self.engine.dialect.loaded_dbapi.Error):
-                raise StoreUnavailable("the key store is unreachable; try again shortly") from e
-            raise
+                cur = self._reader().cursor()
+                try:
+                    cur.execute(sql, params)
+                    return cur.fetchone()
+                finally:
+                    cur.close()
+            except Exception as e:
+                self._drop_reader()
+                if not isinstance(e, self.engine.dialect.loaded_dbapi.Error):
+                    raise
+                if attempt == 2:
+                    raise StoreUnavailable("the key store is unreachable; try again shortly") from e
 
     def get(self, key_id: str) -> KeyRecord | None:
         row = self._fetch_one(self._get_sql, (key_id,) if self._positional else {"key_id": key_id})
