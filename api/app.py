@@ -11,7 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from keys import KeyAuth, open_store
 from keys.auth import HeaderKey, QueryToken
 from keys.cache import CachedLookup
-from keys.exc import ConfigError
+from keys.exc import ConfigError, StoreUnavailable
 from keys.store import SCHEMA_VERSION, KeyStore
 from keys.ratelimit import open_limiter
 from keys.tokens import TokenSigner
@@ -33,7 +33,12 @@ _NO_STORE_STATUSES = {401, 403, 429}
 def open_checked_store(settings: Settings) -> KeyStore:
     """The configured store, refusing to serve from one that ``init`` has not prepared."""
     store = open_store(settings.database_url)
-    version = store.schema_version()
+    try:
+        version = store.schema_version()
+    except StoreUnavailable as e:
+        store.close()
+        reason = " ".join(str(e.__cause__ or e.detail).split())  # drivers' errors span lines
+        raise StoreUnavailable(f"KEYGATE_DATABASE_URL: cannot reach the key store: {reason}") from None
     if version < SCHEMA_VERSION:
         store.close()
         what = "is not initialised" if version == 0 else f"is at schema version {version}"

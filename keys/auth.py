@@ -57,7 +57,10 @@ class HeaderKey(CredentialSource):
         self._environ_key = "HTTP_" + header.upper().replace("-", "_")
 
     def extract(self, req: Request) -> str | None:
-        return req.environ.get(self._environ_key)
+        value = req.environ.get(self._environ_key)
+        # Surrounding spaces are not part of a field value (RFC 9110 §5.5); gunicorn strips
+        # them, other servers may not: one behaviour everywhere.
+        return None if value is None else value.strip(" \t")
 
     def authenticate(self, value: str, auth: KeyAuth) -> Principal:
         record = verify_key(auth.lookup, value)

@@ -54,9 +54,18 @@ def check_live(record: KeyRecord, now: float | None = None) -> None:
         raise KeyExpired()
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    net = ipaddress.ip_network(text)
+    mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+    if mapped is not None and net.prefixlen >= 96:  # ::ffff:10.0.0.0/104 is 10.0.0.0/8
+        return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
 @lru_cache(maxsize=1024)
 def _networks(allowed: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(n) for n in allowed)
+    # Addresses are compared in IPv4 form when they are IPv4-mapped, so the blocks are too.
+    return tuple(_network(n) for n in allowed)
 
 
 def ip_allowed(allowed: tuple[str, ...], address: str | None) -> bool:

@@ -1,0 +1,423 @@
+"""One behavioural suite for every key store backend (memory, SQLite, PostgreSQL),
+plus what only a shared SQL store must do: concurrent writers, several
+connections and processes seeing one truth, failing closed when unreachable,
+and never writing a plaintext key to disk."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from keys import KeyRecord, StoreUnavailable, issue_key, open_store, verify_key
+from keys.exc import ConfigError, KeyRevoked
+from keys.keyformat import CHECKSUM_LENGTH, ID_LENGTH, PREFIX, generate_key, hash_key
+from keys.store import SCHEMA_VERSION
+
+SQL_ONLY = pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+CLOSED_PG = "postgresql://postgres@127.0.0.1:1/test"
+
+
+def full_record(**changes) -> KeyRecord:  # noqa: ANN003
+    """A record with every field set to a non-default value."""
+    key = generate_key()
+    record = KeyRecord(
+        id=key.key_id,
+        name="Zoë's \"billing\" key 🔑",
+        key_hash=hash_key(key.plaintext),
+        scopes=("secret:read", "data:read"),
+        created_at=1_700_000_000.123456,
+        expires_at=1_800_000_000.654321,
+        revoked_at=1_750_000_000.5,
+        last_used_at=1_700_000_100.25,
+        use_count=42,
+        rate_limit="100/minute",
+        allowed_ips=("10.0.0.0/8", "2001:db8::/32"),
+        replaces=generate_key().key_id,
+        generation=3,
+    )
+    return record.replace(**changes)
+
+
+def minimal_record(**changes) -> KeyRecord:  # noqa: ANN003
+    key = generate_key()
+    record = KeyRecord(id=key.key_id, name="min", key_hash=hash_key(key.plaintext),
+                       scopes=("admin",), created_at=1_700_000_000.0)
+    return record.replace(**changes)
+
+
+# -- every backend ------------------------------------------------------------------
+
+
+def test_add_get_round_trip_preserves_every_field(store):
+    record = full_record()
+    store.add(record)
+    assert store.get(record.id) == record
+    assert store.list() == [record]
+
+
+def test_round_trip_of_a_record_with_defaults(store):
+    record = minimal_record()
+    store.add(record)
+    got = store.get(record.id)
+    assert got == record
+    assert got.expires_at is None and got.revoked_at is None and got.last_used_at is None
+    assert got.rate_limit is None and got.replaces is None
+    assert got.allowed_ips == () and got.use_count == 0 and got.generation == 0
+
+
+def test_issued_key_round_trips_and_verifies(store):
+    issued = issue_key(store, name="issued", scopes=["data:read", "secret:read"], expires_in=3600,
+                       rate_limit="10/second", allowed_ips=["192.168.0.0/16", "::1"])
+    got = store.get(issued.record.id)
+    assert got == issued.record
+    assert got.scopes == ("secret:read", "data:read")
+    assert got.allowed_ips == ("192.168.0.0/16", "::1/128")
+    assert verify_key(store, issued.plaintext, now=got.created_at + 1) == got
+
+
+@pytest.mark.parametrize("key_id", [generate_key().key_id, "", "x", "x" * 1000, "' OR 1=1 --",
+                                    "'; DROP TABLE api_keys; --", "é" * 12])
+def test_get_unknown_is_none(store, key_id):
+    store.add(minimal_record())
+    assert store.get(key_id) is None
+    assert store.count() == 1
+
+
+def test_list_is_ordered_by_id_and_pages_cover_every_key_once(store):
+    ids = [issue_key(store, name=f"k{i}", scopes=["secret:read"]).record.id for i in range(23)]
+    listed = [r.id for r in store.list()]
+    assert listed == sorted(ids)
+    for limit in (1, 4, 7, 23, 100):
+        seen: list[str] = []
+        after = None
+        while page := store.list(limit=limit, after=after):
+            assert len(page) <= limit
+            seen.extend(r.id for r in page)
+            after = page[-1].id
+        assert seen == sorted(ids), limit
+
+
+def test_list_after_an_id_that_does_not_exist(store):
+    ids = sorted(issue_key(store, name=f"k{i}", scopes=["admin"]).record.id for i in range(10))
+    assert [r.id for r in store.list(after=ids[4])] == ids[5:]
+    assert [r.id for r in store.list(after=ids[-1])] == []
+    assert [r.id for r in store.list(after="")] == ids
+    assert [r.id for r in store.list(after="zzzzzzzzzzzzz")] == []
+    assert store.list(limit=3, after=ids[6]) == [store.get(i) for i in ids[7:10]]
+
+
+def test_list_of_an_empty_store(store):
+    assert store.list() == []
+    assert store.list(limit=10) == []
+    assert store.count() == 0
+
+
+def test_revoke_sets_the_time_and_bumps_the_generation(store):
+    record = minimal_record()
+    store.add(record)
+    revision = store.revision()
+    revoked = store.revoke(record.id, 1_700_000_500.0)
+    assert revoked is not None
+    assert revoked.revoked_at == 1_700_000_500.0
+    assert revoked.generation == record.generation + 1
+    assert store.get(record.id) == revoked
+    assert store.revision() > revision
+    # Nothing else changed.
+    assert revoked.replace(revoked_at=None, generation=record.generation) == record
+
+
+def test_revoking_again_later_is_idempotent_and_keeps_the_first_time(store):
+    record = minimal_record()
+    store.add(record)
+    first = store.revoke(record.id, 1_700_000_500.0)
+    revision = store.revision()
+    again = store.revoke(record.id, 1_700_000_900.0)
+    assert again == first
+    assert store.get(record.id).revoked_at == 1_700_000_500.0
+    assert store.get(record.id).generation == first.generation
+    assert store.revision() == revision
+    assert store.revoke(record.id, 1_700_000_500.0) == first  # the same time again: no change
+
+
+def test_an_earlier_revocation_time_wins(store):
+    """A rotation's grace period (future revocation) is cut short by a revoke now."""
+    record = minimal_record()
+    store.add(record)
+    graced = store.revoke(record.id, 1_700_009_000.0)
+    now = store.revoke(record.id, 1_700_000_100.0)
+    assert now.revoked_at == 1_700_000_100.0
+    assert now.generation > graced.generation
+    assert store.get(record.id) == now
+
+
+def test_revoke_unknown_is_none(store):
+    store.add(minimal_record())
+    revision = store.revision()
+    assert store.revoke(generate_key().key_id, 1_700_000_000.0) is None
+    assert store.revision() == revision
+    assert store.count() == 1
+
+
+def test_rotate_adds_the_new_key_and_revokes_the_old_one(store):
+    old = minimal_record()
+    store.add(old)
+    new = minimal_record(replaces=old.id)
+    result = store.rotate(new, old.id, 1_700_003_600.0)
+    assert result is not None and result.id == old.id
+    assert result.revoked_at == 1_700_003_600.0 and result.generation == old.generation + 1
+    assert store.get(new.id) == new
+    assert store.count() == 2
+
+
+def test_rotate_of_an_unknown_key_writes_nothing(store):
+    store.add(minimal_record())
+    new = minimal_record()
+    assert store.rotate(new, generate_key().key_id, 1_700_000_000.0) is None
+    assert store.get(new.id) is None
+    assert store.count() == 1
+
+
+def test_count_includes_revoked_keys(store):
+    assert store.count() == 0
+    issued = [issue_key(store, name=f"k{i}", scopes=["admin"]) for i in range(5)]
+    store.revoke(issued[0].record.id, 1_700_000_000.0)
+    assert store.count() == 5
+
+
+def test_migrate_is_idempotent(store):
+    record = full_record()
+    store.add(record)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.migrate() == SCHEMA_VERSION
+    assert store.migrate() == SCHEMA_VERSION
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.get(record.id) == record
+
+
+def test_a_fresh_store_can_be_migrated_twice(store_url):
+    store = open_store(store_url)
+    try:
+        if store.backend != "memory":
+            assert store.schema_version() == 0
+        assert store.migrate() == SCHEMA_VERSION
+        assert store.migrate() == SCHEMA_VERSION
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.count() == 0
+    finally:
+        store.close()
+
+
+# -- SQL stores: shared by threads, connections and processes -------------------------
+
+
+@SQL_ONLY
+def test_concurrent_writers_all_land(store):
+    threads, per_thread = 8, 25
+    barrier = threading.Barrier(threads)
+    issued: list[list[str]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                issued[n].append(issue_key(store, name=f"t{n}-{i}", scopes=["secret:read"]).record.id)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors
+    ids = [i for per in issued for i in per]
+    assert len(ids) == len(set(ids)) == threads * per_thread
+    assert store.count() == threads * per_thread
+    assert sorted(ids) == [r.id for r in store.list()]
+
+
+@SQL_ONLY
+def test_concurrent_revocations_of_one_key_keep_the_earliest_time(store):
+    record = minimal_record()
+    store.add(record)
+    times = [1_700_000_000.0 + i for i in range(16)]
+    barrier = threading.Barrier(len(times))
+    errors: list[BaseException] = []
+
+    def revoke(at: float) -> None:
+        try:
+            barrier.wait()
+            store.revoke(record.id, at)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    workers = [threading.Thread(target=revoke, args=(t,)) for t in times]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors
+    assert store.get(record.id).revoked_at == min(times)
+
+
+@SQL_ONLY
+def test_a_second_store_on_the_same_url_sees_writes_at_once(store, store_url):
+    other = open_store(store_url)
+    try:
+        probe = generate_key().key_id
+        assert other.get(probe) is None  # opens the other store's connection before the writes
+        issued = issue_key(store, name="shared", scopes=["secret:read"])
+        assert other.get(issued.record.id) == issued.record
+        assert verify_key(other, issued.plaintext) == issued.record
+        assert other.count() == 1
+
+        store.revoke(issued.record.id, 1_700_000_000.0)
+        seen = other.get(issued.record.id)
+        assert seen is not None and seen.revoked_at == 1_700_000_000.0
+        with pytest.raises(KeyRevoked):
+            verify_key(other, issued.plaintext)
+
+        # ...and the other way round.
+        second = issue_key(other, name="from-the-other", scopes=["admin"])
+        assert store.get(second.record.id) == second.record
+    finally:
+        other.close()
+
+
+@SQL_ONLY
+def test_another_process_sees_a_revocation(store, store_url):
+    issued = issue_key(store, name="cross-process", scopes=["secret:read"])
+    store.revoke(issued.record.id, 1_700_000_000.0)
+    script = (
+        "import sys\n"
+        "from keys import open_store\n"
+        "record = open_store(sys.argv[1]).get(sys.argv[2])\n"
+        "print(record.revoked_at)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, store_url, issued.record.id],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == 1_700_000_000.0
+
+
+# -- unreachable stores fail closed ---------------------------------------------------
+
+
+def _every_operation(store):  # noqa: ANN001, ANN202
+    record = minimal_record()
+    return {
+        "get": lambda: store.get(record.id),
+        "list": lambda: store.list(limit=10),
+        "count": store.count,
+        "revision": store.revision,
+        "schema_version": store.schema_version,
+        "migrate": store.migrate,
+        "add": lambda: store.add(record),
+        "revoke": lambda: store.revoke(record.id, 1_700_000_000.0),
+    }
+
+
+@pytest.mark.parametrize("operation", ["get", "list", "count", "revision", "schema_version", "migrate",
+                                       "add", "revoke"])
+def test_postgres_on_a_closed_port_is_unavailable(operation):
+    store = open_store(CLOSED_PG)
+    try:
+        with pytest.raises(StoreUnavailable) as info:
+            _every_operation(store)[operation]()
+        assert info.value.status == 503 and info.value.code == "store_unavailable"
+    finally:
+        store.close()
+
+
+def test_unreachable_store_refuses_a_well_formed_key_rather_than_saying_unknown():
+    store = open_store(CLOSED_PG)
+    try:
+        with pytest.raises(StoreUnavailable):
+            verify_key(store, generate_key().plaintext)
+        # A second attempt after the failure still fails closed (no half-broken connection reused).
+        with pytest.raises(StoreUnavailable):
+            verify_key(store, generate_key().plaintext)
+    finally:
+        store.close()
+
+
+def test_sqlite_store_whose_file_was_deleted_is_unavailable(tmp_path):
+    path = tmp_path / "gone" / "keygate.db"
+    url = f"sqlite:///{path}"
+    first = open_store(url)
+    first.migrate()
+    issued = issue_key(first, name="doomed", scopes=["secret:read"])
+    first.close()
+    for f in path.parent.iterdir():
+        f.unlink()
+    path.parent.rmdir()
+
+    store = open_store(url)
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.get(issued.record.id)
+        with pytest.raises(StoreUnavailable):
+            verify_key(store, issued.plaintext)
+        with pytest.raises(StoreUnavailable):
+            store.count()
+    finally:
+        store.close()
+
+
+def test_sqlite_path_that_is_a_directory_is_unavailable(tmp_path):
+    (tmp_path / "adir").mkdir()
+    store = open_store(f"sqlite:///{tmp_path / 'adir'}")
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.get(generate_key().key_id)
+        with pytest.raises(StoreUnavailable):
+            store.migrate()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("url", ["mysql://x", "", "memory", "redis://127.0.0.1/0", "sqlite",
+                                 "postgresql://u@h:notaport/db", "postgresql+nosuchdriver://h/db"])
+def test_unsupported_or_unparseable_urls_are_config_errors(url):
+    with pytest.raises(ConfigError) as info:
+        open_store(url).get(generate_key().key_id)
+    assert "KEYGATE_DATABASE_URL" in str(info.value)
+
+
+# -- SQLite never holds a plaintext key --------------------------------------------
+
+
+@SQLITE_ONLY
+def test_sqlite_files_never_contain_a_plaintext_key_or_secret(store, store_url):
+    db = Path(store_url.removeprefix("sqlite:///"))
+    issued = [issue_key(store, name=f"k{i}", scopes=["secret:read", "admin"]) for i in range(20)]
+    store.revoke(issued[0].record.id, 1_700_000_000.0)
+    for k in issued[1:4]:
+        verify_key(store, k.plaintext)
+
+    files = [p for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")) if p.exists()]
+    assert db in files
+    data = b"".join(p.read_bytes() for p in files)
+    for k in issued:
+        secret_part = k.plaintext[len(PREFIX) + ID_LENGTH : -CHECKSUM_LENGTH]
+        assert k.plaintext.encode() not in data
+        assert secret_part.encode() not in data
+        assert k.plaintext[len(PREFIX):].encode() not in data
+        # Positive control: the hash and id are there, so these really are the store's bytes.
+        assert k.record.key_hash.encode() in data
+        assert k.record.id.encode() in data
+
+
+def test_an_unparseable_url_error_does_not_echo_the_password():
+    password = generate_key().key_id
+    with pytest.raises(ConfigError) as info:
+        open_store(f"postgresql://keygate:{password}@db.internal:notaport/keygate")
+    assert "KEYGATE_DATABASE_URL" in str(info.value)
+    assert password not in str(info.value)
