@@ -14,12 +14,12 @@ MAX_BODY = 64 * 1024
 
 
 def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The JSON object body; empty means ``{}``. Unknown fields are refused, so a
+    """The JSON object body; none at all means ``{}``. Unknown fields are refused, so a
     typo (``scope`` for ``scopes``) is an error rather than silently ignored."""
     if request.content_length and request.content_length > MAX_BODY:
         raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
     raw = request.get_data(cache=True)
-    if not raw.strip():
+    if not raw:  # no body; whitespace alone (or \v, which bytes.strip() also took) is not JSON
         data: Any = {}
     else:
         try:

@@ -1,0 +1,153 @@
+"""The Swagger UI at /docs, in a real browser: headless Debian chromium driven by playwright,
+against a real server. Authorize with a key, execute GET /secret, read the answer on the page;
+without a key, read the 401 problem. A failing test leaves a screenshot (and the page's HTML)
+in its tmp dir.
+
+Chromium comes from Debian (``apt-get install chromium``; .ci/run does it), never from
+``playwright install``. Without it the tests skip, unless KEYGATE_REQUIRE_SERVICES=1 (CI).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import REQUIRE_SERVICES, run_cli
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.slow
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} and KEYGATE_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def server(env: dict[str, str], start_server):  # noqa: ANN001, ANN201
+    init = run_cli(env, "init", "--no-admin-key")
+    assert init.returncode == 0, init.stderr
+    return start_server()
+
+
+@pytest.fixture
+def page(browser: Any, tmp_path: Path, server) -> Iterator[Any]:  # noqa: ANN001
+    """A fresh browser page; if the test failed on it, its screenshot and HTML go to tmp_path."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        yield page
+        if getattr(page, "_keygate_failed", False):  # set by evidence_on_failure
+            _save_evidence(page, tmp_path)
+    finally:
+        context.close()
+
+
+def _save_evidence(page: Any, tmp_path: Path) -> None:
+    try:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        (tmp_path / "failure.html").write_text(page.content())
+    except Exception as e:  # noqa: BLE001 (evidence is best effort; the failure itself is reported)
+        print(f"could not save a screenshot: {e}")
+    print(f"screenshot and page HTML saved under {tmp_path}")
+
+
+@contextmanager
+def evidence_on_failure(page: Any, server) -> Iterator[None]:  # noqa: ANN001
+    """Marks the page failed (so the fixture saves a screenshot) and adds the server's log."""
+    try:
+        yield
+    except BaseException as e:
+        page._keygate_failed = True
+        e.add_note(f"server output:\n{server.output()[-3000:]}")
+        raise
+
+
+def open_docs(page: Any, url: str) -> None:
+    page.goto(url + "/docs")
+    page.get_by_role("button", name="Authorize").wait_for()
+
+
+def execute_get_secret(page: Any) -> tuple[str, dict[str, Any]]:
+    """Try it out → Execute on GET /secret; (status, body) as the page shows them."""
+    page.locator("#operations-tag-pages").click()
+    op = page.locator("#operations-pages-getSecret")
+    op.locator(".opblock-summary").click()
+    op.get_by_role("button", name="Try it out").click()
+    op.get_by_role("button", name="Execute").click()
+    row = op.locator(".live-responses-table tr.response")
+    status = row.locator("td.response-col_status").inner_text().strip()
+    body = row.locator(".response-col_description pre").first.inner_text()
+    return status, json.loads(body)
+
+
+def test_authorize_with_a_key_then_get_secret(page: Any, server, env: dict[str, str]) -> None:  # noqa: ANN001
+    created = run_cli(env, "create-key", "--name", "browser", "--scope", "secret:read", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    with evidence_on_failure(page, server):
+        open_docs(page, server.url)
+        page.get_by_role("button", name="Authorize").click()
+        dialog = page.locator(".modal-ux")
+        # The dialog offers both credentials of the contract: the header and the query token.
+        header_box = dialog.locator(".auth-container").filter(has_text="Name: API-Key")
+        token_box = dialog.locator(".auth-container").filter(has_text="Name: token")
+        assert "In: header" in header_box.inner_text()
+        assert "In: query" in token_box.inner_text()
+        header_box.locator("input").fill(key)
+        header_box.get_by_role("button", name="Authorize").click()
+        header_box.get_by_role("button", name="Logout").wait_for()  # Swagger UI's "authorized" state
+        header_box.get_by_role("button", name="Close").click()
+
+        status, body = execute_get_secret(page)
+        assert status == "200", body
+        assert body["message"] == "Welcome to the secret page!"
+        assert body["caller"]["name"] == "browser" and body["caller"]["via"] == "header"
+
+
+def test_without_a_key_the_page_shows_the_401_problem(page: Any, server) -> None:  # noqa: ANN001
+    with evidence_on_failure(page, server):
+        open_docs(page, server.url)
+        status, body = execute_get_secret(page)
+        assert status == "401", body
+        assert body["code"] == "missing_credentials"
+        assert body["status"] == 401 and body["instance"] == "/secret"
+        shown = page.locator("#operations-pages-getSecret .live-responses-table").inner_text()
+        assert 'www-authenticate: ApiKey realm="keygate"' in shown, shown
+
+
+def test_evidence_is_saved_on_failure(browser: Any, tmp_path: Path) -> None:
+    """The screenshot-on-failure path itself works (a broken one would hide every failure)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_content("<h1>keygate</h1>")
+        _save_evidence(page, tmp_path)
+    finally:
+        context.close()
+    assert (tmp_path / "failure.png").stat().st_size > 0
+    assert "keygate" in (tmp_path / "failure.html").read_text()
