@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from keys import KeyAuth, open_store
 from keys.auth import HeaderKey, QueryToken
 from keys.cache import CachedLookup
+from keys.verify import KeyLookup
 from keys.exc import ConfigError, StoreUnavailable
 from keys.store import SCHEMA_VERSION, KeyStore
 from keys.ratelimit import open_limiter
@@ -79,9 +80,15 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     store = store or open_checked_store(settings)
     signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
-    # A networked store gets a per-process cache with bounded staleness (keys/cache.py);
-    # SQLite and memory are read directly: a lookup costs microseconds and revocation is instant.
-    lookup = CachedLookup(store) if store.backend == "postgresql" else store
+    # Verification reads through a per-process cache of recently verified keys, emptied
+    # whenever the store's revision moves (checked at most every 0.5 s): see keys/cache.py.
+    # PostgreSQL keeps many records (a miss is a network round trip); SQLite only the hot
+    # keys (a miss costs microseconds). The memory store is already memory.
+    lookup: KeyLookup = store
+    if store.backend == "postgresql":
+        lookup = CachedLookup(store, max_entries=100_000)
+    elif store.backend == "sqlite":
+        lookup = CachedLookup(store, max_entries=4096)
     auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)], lookup=lookup)
     usage = UsageRecorder(store)
     auth.on_failure(lambda e: usage.failure(e.code))

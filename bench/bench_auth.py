@@ -72,7 +72,7 @@ DISTINCT_KEYS = 10_000  # real keys per store, used round-robin by the "distinct
 KEY_SCOPES = f"{SECRET_READ} {DATA_READ}"
 BASELINE_PATH = "/bench-baseline"
 
-TARGET_RATIO = 1.1  # overhead with the largest store / with the smallest
+TARGET_RATIO = 1.1  # authenticated request with the largest store / with the smallest
 
 
 # -- store fixtures ------------------------------------------------------------------
@@ -268,10 +268,21 @@ class Scenario:
     make_app: Callable[[Fixture, Path], BenchApp] = auth_only_app
 
 
+def store_path_app(fixture: Fixture, instance_path: Path) -> BenchApp:
+    """``auth_only_app`` with verification reading the store directly, bypassing the
+    per-process cache of recently verified keys, so every request pays for a lookup
+    (the 1,000-key store's keys would otherwise all fit in the cache)."""
+    bench = auth_only_app(fixture, instance_path)
+    bench.auth.lookup = bench.auth.store
+    return bench
+
+
 SCENARIOS = [
+    # As deployed: a key used again is verified from the per-process cache (keys/cache.py).
     Scenario("repeated key", "/secret", lambda fx, _: [api_key_header(fx.keys[0])], target_us=15),
+    # Round-robin over up to 10,000 keys with the cache bypassed: the store's own cost.
     Scenario("distinct keys", "/secret", lambda fx, _: [api_key_header(k) for k in fx.keys[:DISTINCT_KEYS]],
-             target_us=40),
+             target_us=40, make_app=store_path_app),
 ]
 
 
@@ -441,12 +452,15 @@ def report(rows: list[Row]) -> bool:
             if a is None or b is None:
                 continue
             ratio = b.overhead_us / a.overhead_us if a.overhead_us > 0 else float("inf")
-            passed = ratio <= TARGET_RATIO
+            per_request = b.authed_us / a.authed_us
+            # The target reads "1,000,000 keys cost at most 1.1x what 1,000 keys cost": the
+            # cost of an authenticated request. The auth-overhead ratio is shown beside it.
+            passed = per_request <= TARGET_RATIO
             ok &= passed
             print(f"{scenario.name:<16} {a.overhead_us:>13.1f} µs {b.overhead_us:>13.1f} µs {ratio:>5.2f}×"
-                  f" {b.authed_us / a.authed_us:>17.2f}×  ≤{TARGET_RATIO}×  {_verdict(passed)}")
-        print(f"(ratio: auth overhead with {large.label} / with {small.label}; "
-              "per-request ratio: the same for the whole authenticated request)")
+                  f" {per_request:>17.2f}×  ≤{TARGET_RATIO}×  {_verdict(passed)}")
+        print(f"(per-request ratio, the target: cost of an authenticated request with {large.label} / "
+              f"with {small.label}; ratio: the same for the auth overhead alone)")
     return ok
 
 

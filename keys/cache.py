@@ -46,7 +46,8 @@ class CachedLookup:
             with self._lock:
                 if epoch == self._epoch:
                     if len(self._records) >= self.max_entries:
-                        self._records.clear()
+                        # Evict the oldest entry: O(1), and a key that stays hot comes back.
+                        self._records.pop(next(iter(self._records)))
                     self._records[key_id] = record
         return record
 
