@@ -215,3 +215,37 @@ def wait_for_workers(server: Server, n: int, timeout: float = 30) -> list[int]:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(loaded)} of {n} workers loaded the app:\n{server.output()}")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def make_app(tmp_path: Path):  # noqa: ANN201
+    """``make_app(store, **config)``: an app over ``store``, each with its own instance dir;
+    its usage counters are flushed and its rate-limit table closed at teardown."""
+    from api import create_app
+
+    apps = []
+
+    def make(store, **config):  # noqa: ANN001, ANN202
+        cfg = {"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / f"app{len(apps)}"), **config}
+        app = create_app(cfg, store=store)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["keygate.usage"].close()
+        app.extensions["keygate.ratelimits"].limiter.close()
+
+
+@pytest.fixture
+def admin(store):  # noqa: ANN001, ANN201
+    """An admin key in ``store`` (an ``IssuedKey``: ``.plaintext``, ``.record``)."""
+    from keys import issue_key
+
+    return issue_key(store, name="admin", scopes=["admin"])
+
+
+@pytest.fixture
+def A(admin) -> dict[str, str]:  # noqa: ANN001, N802
+    """Headers carrying the admin key."""
+    return {"API-Key": admin.plaintext}

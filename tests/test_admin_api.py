@@ -61,10 +61,8 @@ def assert_no_secrets(text: str, store) -> None:  # noqa: ANN001
 
 
 @pytest.fixture
-def app(store, tmp_path):  # noqa: ANN001, ANN201
-    app = create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / "app")}, store=store)
-    yield app
-    app.extensions["keygate.usage"].close()
+def app(store, make_app):  # noqa: ANN001, ANN201
+    return make_app(store)
 
 
 @pytest.fixture
@@ -72,14 +70,10 @@ def client(app):  # noqa: ANN001, ANN201
     return app.test_client()
 
 
-@pytest.fixture
-def admin(store):  # noqa: ANN001, ANN201
-    return issue_key(store, name="admin", scopes=["admin"])
 
 
-@pytest.fixture
-def A(admin) -> dict[str, str]:  # noqa: ANN001, N802
-    return {"API-Key": admin.plaintext}
+
+
 
 
 # -- create ------------------------------------------------------------------------------------

@@ -46,19 +46,7 @@ def cli_user() -> str:
         return "unknown"
 
 
-@pytest.fixture
-def make_app(tmp_path):  # noqa: ANN001, ANN201
-    apps = []
 
-    def make(store):  # noqa: ANN001, ANN202
-        app = create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / f"app{len(apps)}")},
-                         store=store)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["keygate.usage"].close()
 
 
 @pytest.fixture
@@ -71,14 +59,10 @@ def client(app):  # noqa: ANN001, ANN201
     return app.test_client()
 
 
-@pytest.fixture
-def admin(store):  # noqa: ANN001, ANN201
-    return issue_key(store, name="admin", scopes=["admin"])
 
 
-@pytest.fixture
-def A(admin) -> dict[str, str]:  # noqa: ANN001, N802
-    return {"API-Key": admin.plaintext}
+
+
 
 
 def audit(client, A, **query) -> dict:  # noqa: ANN001, N803

@@ -71,20 +71,7 @@ def get_data(client, token: str):  # noqa: ANN001, ANN201
     return client.get("/data", query_string={"token": token})
 
 
-@pytest.fixture
-def make_app(tmp_path):  # noqa: ANN001, ANN201
-    """``make_app(store, **config)``: an app over ``store``; its counters are flushed at teardown."""
-    apps = []
 
-    def make(store, **config):  # noqa: ANN001, ANN202
-        cfg = {"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / f"app{len(apps)}"), **config}
-        app = create_app(cfg, store=store)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["keygate.usage"].close()
 
 
 @pytest.fixture
@@ -92,9 +79,7 @@ def client(store, make_app):  # noqa: ANN001, ANN201
     return make_app(store).test_client()
 
 
-@pytest.fixture
-def admin(store):  # noqa: ANN001, ANN201
-    return issue_key(store, name="admin", scopes=["admin"])
+
 
 
 @pytest.fixture
