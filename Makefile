@@ -2,27 +2,33 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 
 .PHONY: run test bench clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+# The service alone for `run`; the test tools (schemathesis, playwright, ...) for `test`.
+$(VENV)/.installed-run: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[postgres,redis]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@
 
 ## run: install, initialise the store (printing a one-time admin key if it is empty), serve on :5000
-run: $(STAMP)
+run: $(VENV)/.installed-run
 	$(PY) manage.py init
 	$(PY) manage.py serve
 
 ## test: install and run the whole test suite
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 ## bench: the per-request cost of authentication (see bench/README.md)
-bench: $(STAMP)
+bench: $(VENV)/.installed-test
 	$(PY) bench/bench_auth.py
 
 clean:
