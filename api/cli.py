@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -167,8 +168,6 @@ def list_keys(as_json: bool) -> None:
         return
     click.echo(f"{'ID':<12}  {'NAME':<24}  {'SCOPES':<30}  {'STATE':<8}  EXPIRES")
     after = None
-    import time
-
     now = time.time()
     while page := store.list(limit=1000, after=after):
         for r in page:

@@ -30,4 +30,12 @@ from .model import KeyRecord, Principal
 from .store import KeyStore, MemoryKeyStore, open_store
 from .verify import match_key, verify_key
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "AccessDenied", "AuthenticationError", "ConfigError", "CredentialSource", "HeaderKey",
+    "InsufficientScope", "InvalidCredentials", "InvalidRequest", "InvalidToken", "IpNotAllowed",
+    "IssuedKey", "KeyAuth", "KeyExpired", "KeyRecord", "KeyRevoked", "KeyStore", "KeygateError",
+    "MemoryKeyStore", "MethodNotAllowed", "MissingCredentials", "MultipleCredentials", "NotFound",
+    "Principal", "RateLimited", "StoreUnavailable", "TokenExpired", "current_principal",
+    "find_by_plaintext", "generate_key", "get_key", "hash_key", "issue_key", "looks_like_key",
+    "match_key", "open_store", "parse_key", "revoke_key", "verify_key",
+]

@@ -28,6 +28,7 @@ class UsageRecorder:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._atexit_registered = False
         self.flushes = 0  # store writes made, for tests and metrics
 
     def hit(self, key_id: str, now: float | None = None) -> None:
@@ -82,7 +83,9 @@ class UsageRecorder:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="keygate-usage", daemon=True)
             self._thread.start()
-            atexit.register(self.close)
+            if not self._atexit_registered:
+                atexit.register(self.close)
+                self._atexit_registered = True
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
