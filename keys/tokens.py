@@ -13,9 +13,10 @@ import hashlib
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
+from itsdangerous.encoding import want_bytes
 
 from .exc import InsufficientScope, InvalidRequest, InvalidToken, KeygateError, TokenExpired
 from .keyformat import looks_like_key
@@ -34,6 +35,24 @@ class MintedToken(NamedTuple):
     scopes: tuple[str, ...]
 
 
+class _DerivedKeySigner(TimestampSigner):
+    """itsdangerous' ``TimestampSigner``, deriving each secret's signing key once.
+
+    Stock itsdangerous derives the HMAC key from the secret and the salt (a SHA-256) for
+    every secret on every call. The derived key depends on nothing else, so it is kept;
+    every token is still verified in full (nothing about a token is cached).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived = {secret: TimestampSigner.derive_key(self, secret) for secret in self.secret_keys}
+
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        secret = self.secret_keys[-1] if secret_key is None else want_bytes(secret_key)
+        derived = self._derived.get(secret)
+        return TimestampSigner.derive_key(self, secret) if derived is None else derived
+
+
 class TokenSigner:
     """Mints and checks query tokens against a key store."""
 
@@ -44,8 +63,13 @@ class TokenSigner:
         self._serializer = URLSafeTimedSerializer(
             list(reversed(secret_keys)),
             salt=SALT,
+            signer=_DerivedKeySigner,
             signer_kwargs={"digest_method": hashlib.sha256},
         )
+        # One signer for every verification (``loads`` would build one, and derive every
+        # secret's key again, per call). URLSafeTimedSerializer has no fallback signers,
+        # so ``unsign`` + ``load_payload`` is exactly what its ``loads`` does.
+        self._unsigner = self._serializer.make_signer()
         self.max_ttl = max_ttl
 
     def mint(
@@ -78,7 +102,7 @@ class TokenSigner:
         if len(token) > 1024:
             raise InvalidToken()
         try:
-            payload = self._serializer.loads(token, max_age=self.max_ttl + 60)
+            payload = self._serializer.load_payload(self._unsigner.unsign(token, max_age=self.max_ttl + 60))
         except SignatureExpired:
             raise TokenExpired() from None
         except BadSignature:
