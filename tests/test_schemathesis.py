@@ -348,7 +348,7 @@ def test_the_fuzzing_reached_every_outcome() -> None:
     assert "/data" in token_ok and not token_ok & {"/secret", "/admin", "/tokens", "/admin/keys"}, token_ok
     for mode in ("wrong", "none"):
         refused = Counter(status for _, status in TARGET.statuses[mode])
-        assert refused[401] > 100, (mode, refused)
+        assert refused[401] > 50, (mode, refused)  # dozens at least: the runs were not vacuous
 
 
 def test_what_the_fuzzer_found_stays_fixed() -> None:
