@@ -249,3 +249,19 @@ def admin(store):  # noqa: ANN001, ANN201
 def A(admin) -> dict[str, str]:  # noqa: ANN001, N802
     """Headers carrying the admin key."""
     return {"API-Key": admin.plaintext}
+
+
+def iso(text: str) -> float:
+    """An ISO 8601 UTC timestamp from the API or CLI → epoch seconds."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def assert_one_line_failure(proc: subprocess.CompletedProcess[str], *, names: str) -> None:
+    """A refused CLI call: non-zero, no traceback, one line (or click's usage block) naming ``names``."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 or lines[0].startswith("Usage:"), proc.stderr
+    assert names in proc.stderr, proc.stderr

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
 
 import keys.verify
 from api import create_app
-from conftest import run_cli
+from conftest import assert_one_line_failure, iso, run_cli
 from keys import KeyRevoked, generate_key, hash_key, issue_key, open_store, verify_key
 
 PROBLEM = "application/problem+json"
@@ -24,10 +23,6 @@ MEMORY_ONLY = pytest.mark.parametrize("store_url", ["memory://"], ids=["memory"]
 # What the contract promises in every metadata object (the code may add more).
 METADATA = {"id", "name", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at",
             "rate_limit", "allowed_ips"}
-
-
-def iso(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def problem(resp, status: int, code: str) -> dict:  # noqa: ANN001
@@ -441,11 +436,7 @@ def test_bad_rotate_bodies_are_400_naming_the_field(client, store, A, body, fiel
 # -- rotation over the CLI --------------------------------------------------------------------------
 
 def assert_clean_failure(proc, *, names: str) -> None:  # noqa: ANN001
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 or lines[0].startswith("Usage:"), proc.stderr
-    assert names in proc.stderr, proc.stderr
+    assert_one_line_failure(proc, names=names)
     assert "kg_" not in proc.stdout  # no key was printed
 
 

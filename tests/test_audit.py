@@ -8,21 +8,16 @@ from __future__ import annotations
 import getpass
 import json
 import time
-from datetime import datetime
 
 import pytest
 
 from api import create_app
-from conftest import run_cli
+from conftest import iso, run_cli
 from keys import generate_key, issue_key, open_store
 
 PROBLEM = "application/problem+json"
 MEMORY_ONLY = pytest.mark.parametrize("store_url", ["memory://"], ids=["memory"])
 EVENT_FIELDS = {"id", "at", "event", "key_id", "actor", "detail"}
-
-
-def iso(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def problem(resp, status: int, code: str) -> dict:  # noqa: ANN001

@@ -20,7 +20,7 @@ import pytest
 
 import keys.tokens
 from api import create_app
-from conftest import run_cli
+from conftest import assert_one_line_failure, run_cli
 from keys import TokenExpired, generate_key, issue_key, open_store
 from keys.tokens import TokenSigner
 
@@ -384,11 +384,7 @@ def cli_store(env):  # noqa: ANN001, ANN201
 
 
 def assert_clean_failure(proc, *, names: str) -> None:  # noqa: ANN001
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 or lines[0].startswith("Usage:"), proc.stderr
-    assert names in proc.stderr, proc.stderr
+    assert_one_line_failure(proc, names=names)
     assert TOKEN_PAYLOAD_PREFIX not in proc.stdout + proc.stderr  # no token was printed
 
 
