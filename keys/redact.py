@@ -7,6 +7,9 @@ import re
 # Query parameters that carry credentials, and anything shaped like a key.
 _QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:token|api[-_]?key|key)=)[^&#\s\"]*")
 _KEY_RE = re.compile(r"kg_[0-9A-Za-z]{20,}")
+# A query token outside a ``token=`` argument (say, pasted into a Referer): key id,
+# generation, expiry, scopes, signature (see ``keys.tokens``).
+_TOKEN_RE = re.compile(r"[0-9A-Za-z]+\.\d+\.\d+\.[\w-]+\.[\w-]{43}")
 REDACTED = "[REDACTED]"
 
 
@@ -14,7 +17,8 @@ def redact(text: str) -> str:
     """``/data?token=abc&x=1`` → ``/data?token=[REDACTED]&x=1``; bare keys likewise."""
     if not text:
         return text
-    return _KEY_RE.sub(REDACTED, _QUERY_SECRET_RE.sub(r"\1" + REDACTED, text))
+    text = _QUERY_SECRET_RE.sub(r"\1" + REDACTED, text)
+    return _TOKEN_RE.sub(REDACTED, _KEY_RE.sub(REDACTED, text))
 
 
 def redact_query(query: str) -> str:

@@ -1,22 +1,35 @@
 """Query tokens: short-lived, signed, scope-narrowed stand-ins for a key in a URL.
 
-A token is an itsdangerous ``URLSafeTimedSerializer`` payload naming its parent
-key, its scopes, its expiry and the parent's *generation*. Revoking or rotating
-a key bumps the generation, so every token minted from it dies at once without
-a deny-list. Several signing secrets may be configured: the first signs, all
-verify, so the signing secret can rotate while live tokens keep working.
+A token is ``<key id>.<generation>.<expires at>.<scopes>.<signature>``: an
+itsdangerous ``Signer`` (HMAC-SHA256, its own salt) over a compact payload that
+names the parent key, the key's *generation*, the expiry (epoch seconds) and the
+scopes (base64url of their space-separated names). Every character is URL-safe,
+so a token travels in a query string unencoded. Revoking or rotating a key bumps
+its generation, so every token minted from it dies at once without a deny-list.
+Several signing secrets may be configured: the first signs, all verify, so the
+signing secret can rotate while live tokens keep working.
+
+Why not itsdangerous' ``URLSafeTimedSerializer`` (the first format, salt ``v1``):
+its base64-of-JSON payload plus a separate timestamp cost three base64 decodes
+and a JSON parse per request, twice what checking a header key costs
+(``bench/``). The payload here carries its own expiry, so a plain ``Signer`` is
+enough; ``v1`` tokens (15 minutes by default) are refused as invalid.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import hashlib
+import hmac
 import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
-from itsdangerous.encoding import want_bytes
+from itsdangerous import BadSignature, Signer
+from itsdangerous.signer import HMACAlgorithm
 
 from .exc import InsufficientScope, InvalidRequest, InvalidToken, KeygateError, TokenExpired
 from .keyformat import looks_like_key
@@ -25,8 +38,9 @@ from .scopes import grants, parse_scopes
 from .store.base import KeyStore
 from .verify import KeyLookup, check_live
 
-SALT = "keygate.query-token.v1"
+SALT = "keygate.query-token.v2"
 DEFAULT_TTL = 900  # 15 minutes: long enough for a download, short enough to matter
+MAX_TOKEN_LENGTH = 1024
 
 
 class MintedToken(NamedTuple):
@@ -35,22 +49,52 @@ class MintedToken(NamedTuple):
     scopes: tuple[str, ...]
 
 
-class _DerivedKeySigner(TimestampSigner):
-    """itsdangerous' ``TimestampSigner``, deriving each secret's signing key once.
+class _KeyedHMAC(HMACAlgorithm):
+    """HMAC-SHA256 that sets each key up once and copies it per message.
 
-    Stock itsdangerous derives the HMAC key from the secret and the salt (a SHA-256) for
-    every secret on every call. The derived key depends on nothing else, so it is kept;
-    every token is still verified in full (nothing about a token is cached).
+    ``hmac.new`` hashes the key pads on every call; copying a keyed HMAC skips
+    that (0.7 vs 1.1 µs). The result is the same HMAC."""
+
+    def __init__(self) -> None:
+        super().__init__(hashlib.sha256)
+        self._keyed: dict[bytes, Any] = {}
+
+    def get_signature(self, key: bytes, value: bytes) -> bytes:
+        keyed = self._keyed.get(key)
+        if keyed is None:
+            keyed = self._keyed[key] = hmac.new(key, digestmod=self.digest_method)
+        mac = keyed.copy()
+        mac.update(value)
+        return mac.digest()
+
+
+class _TokenSigner(Signer):
+    """itsdangerous' ``Signer``, deriving each secret's signing key once.
+
+    Stock itsdangerous derives the HMAC key from the secret and the salt (a SHA-256)
+    for every secret on every call. The derived key depends on nothing else, so it is
+    kept; every token is still verified in full (nothing about a token is cached).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._derived = {secret: TimestampSigner.derive_key(self, secret) for secret in self.secret_keys}
+    def __init__(self, secret_keys: Sequence[str]) -> None:
+        # itsdangerous signs with the *last* key and verifies with all of them, last first.
+        super().__init__(list(reversed(secret_keys)), salt=SALT, digest_method=hashlib.sha256,
+                         algorithm=_KeyedHMAC())
+        self._derived = {secret: Signer.derive_key(self, secret) for secret in self.secret_keys}
 
     def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
-        secret = self.secret_keys[-1] if secret_key is None else want_bytes(secret_key)
-        derived = self._derived.get(secret)
-        return TimestampSigner.derive_key(self, secret) if derived is None else derived
+        secret = self.secret_keys[-1] if secret_key is None else secret_key
+        derived = self._derived.get(secret) if isinstance(secret, bytes) else None
+        return Signer.derive_key(self, secret) if derived is None else derived
+
+
+def _encode_scopes(scopes: Sequence[str]) -> str:
+    return base64.urlsafe_b64encode(" ".join(scopes).encode()).rstrip(b"=").decode()
+
+
+@functools.lru_cache(maxsize=256)  # only signed payloads get here: a handful of scope sets
+def _decode_scopes(text: str) -> tuple[str, ...]:
+    return tuple(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode().split())
 
 
 class TokenSigner:
@@ -59,17 +103,7 @@ class TokenSigner:
     def __init__(self, secret_keys: Sequence[str], max_ttl: int = 86400) -> None:
         if not secret_keys:
             raise ValueError("at least one secret key is required")
-        # itsdangerous signs with the *last* key and verifies with all of them.
-        self._serializer = URLSafeTimedSerializer(
-            list(reversed(secret_keys)),
-            salt=SALT,
-            signer=_DerivedKeySigner,
-            signer_kwargs={"digest_method": hashlib.sha256},
-        )
-        # One signer for every verification (``loads`` would build one, and derive every
-        # secret's key again, per call). URLSafeTimedSerializer has no fallback signers,
-        # so ``unsign`` + ``load_payload`` is exactly what its ``loads`` does.
-        self._unsigner = self._serializer.make_signer()
+        self._signer = _TokenSigner(secret_keys)
         self.max_ttl = max_ttl
 
     def mint(
@@ -94,17 +128,15 @@ class TokenSigner:
                 raise InsufficientScope(f"the key does not hold the {scope!r} scope", scope=scope)
         now = time.time() if now is None else now
         expires_at = math.floor(now) + ttl
-        payload = {"k": record.id, "s": " ".join(granted), "g": record.generation, "e": expires_at}
-        return MintedToken(self._serializer.dumps(payload), float(expires_at), granted)
+        payload = f"{record.id}.{record.generation}.{expires_at}.{_encode_scopes(granted)}"
+        return MintedToken(self._signer.sign(payload).decode(), float(expires_at), granted)
 
     def verify(self, store: KeyLookup, token: str, now: float | None = None) -> Principal:
         """The principal a token stands for; ``InvalidToken``/``TokenExpired`` otherwise."""
-        if len(token) > 1024:
+        if len(token) > MAX_TOKEN_LENGTH:
             raise InvalidToken()
         try:
-            payload = self._serializer.load_payload(self._unsigner.unsign(token, max_age=self.max_ttl + 60))
-        except SignatureExpired:
-            raise TokenExpired() from None
+            payload = self._signer.unsign(token)
         except BadSignature:
             if looks_like_key(token):
                 raise InvalidToken(
@@ -112,21 +144,27 @@ class TokenSigner:
                     "or mint a query token with POST /tokens."
                 ) from None
             raise InvalidToken() from None
+        # Only this class signs with this salt, so a payload that doesn't parse is a bug or
+        # a secret shared with something else: refused, never a 500.
         try:
-            key_id, scopes, generation, expires_at = payload["k"], payload["s"], payload["g"], payload["e"]
-        except (TypeError, KeyError):
+            key_id, generation, expires_at, scopes = payload.decode().rsplit(".", 3)
+            generation_n, expires_n = int(generation), int(expires_at)
+            granted = _decode_scopes(scopes)
+        except (ValueError, binascii.Error):
             raise InvalidToken() from None
         now = time.time() if now is None else now
-        if expires_at <= now:
+        if expires_n <= now:
             raise TokenExpired()
+        if expires_n > now + self.max_ttl + 60:  # minted before KEYGATE_TOKEN_MAX_TTL was lowered
+            raise InvalidToken("The token outlives KEYGATE_TOKEN_MAX_TTL.")
         record = store.get(key_id)
-        if record is None or record.generation != generation:
+        if record is None or record.generation != generation_n:
             raise InvalidToken("The token's key has been revoked or rotated.")
         try:
             check_live(record, now)
         except KeygateError:
             raise InvalidToken("The token's key is no longer valid.") from None
-        return Principal(record.id, record.name, tuple(scopes.split()), "token", record)
+        return Principal(record.id, record.name, granted, "token", record)
 
 
 def mint_token(

@@ -9,6 +9,7 @@ checked on real ``manage.py serve`` processes.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
@@ -17,17 +18,22 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from itsdangerous import URLSafeTimedSerializer
 
 import keys.tokens
 from api import create_app
 from conftest import assert_one_line_failure, run_cli
-from keys import TokenExpired, generate_key, issue_key, open_store
+from keys import InvalidToken, TokenExpired, generate_key, issue_key, open_store
 from keys.tokens import TokenSigner
 
 PROBLEM = "application/problem+json"
 MEMORY_ONLY = pytest.mark.parametrize("store_url", ["memory://"], ids=["memory"])
-# A token is itsdangerous' ``payload.timestamp.signature``, its payload base64 of '{"k":'.
-TOKEN_PAYLOAD_PREFIX = "eyJrIjoi"
+# A token is ``key_id.generation.expires_at.scopes.signature`` (see keys/tokens.py).
+TOKEN_RE = re.compile(r"[0-9A-Za-z]{12}\.\d+\.\d{10}\.[\w-]+\.[\w-]{43}")
+# What is left of any token, even a tampered one: ``.generation.expires_at.``
+TOKEN_TRACE_RE = re.compile(r"\.\d+\.\d{10}\.")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -166,28 +172,42 @@ def test_header_and_token_together_are_ambiguous(client, reader):
 
 # -- tampering and expiry ----------------------------------------------------------------------
 
+def b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
 @MEMORY_ONLY
 def test_a_tampered_token_is_invalid(client, reader):
     token = mint(client, reader, scopes=["data:read"])["token"]
-    payload, stamp, signature = token.split(".")
-    p, s = len(payload), len(payload) + 1 + len(stamp) + 1
+    assert TOKEN_RE.fullmatch(token), token  # URL-safe: nothing to percent-encode
+    key_id, generation, expires_at, scopes, signature = token.split(".")
+    assert key_id == reader.record.id and base64.urlsafe_b64decode(scopes + "==") == b"data:read"
+    body = token.rsplit(".", 1)[0]
+    other = mint(client, issue_key(client.application.extensions["keygate"].store,
+                                   name="other", scopes=["data:read"]))["token"]
     tampered = {
-        "payload": flip(token, p // 2),
-        "payload start": flip(token, 1),
-        "timestamp": flip(token, p + 1 + len(stamp) // 2),
-        "signature": flip(token, s + len(signature) // 2),
-        "signature start": flip(token, s + 1),
+        "key id": flip(token, 5),
+        "generation": f"{key_id}.1.{expires_at}.{scopes}.{signature}",
+        "expiry pushed back": f"{key_id}.{generation}.{int(expires_at) + 3600}.{scopes}.{signature}",
+        "scopes widened": f"{key_id}.{generation}.{expires_at}.{b64('data:read secret:read admin')}.{signature}",
+        "scopes flipped": flip(token, len(body) - 2),
+        "signature": flip(token, len(body) + 20),
+        "signature start": flip(token, len(body) + 1),
         "truncated": token[:-4],
-        "no signature": f"{payload}.{stamp}",
-        "payload only": payload,
+        "no signature": body,
+        "empty signature": body + ".",
         "extended": token + "A",
+        "extra field": f"{key_id}.x.{generation}.{expires_at}.{scopes}.{signature}",
         "garbage": "not-a-token",
+        "dots": "....",
         "empty": "",
         "huge": "A" * 5000,
-        # A payload of another key spliced onto this token's signature.
-        "spliced": mint(client, issue_key(client.application.extensions["keygate"].store,
-                                          name="other", scopes=["data:read"]))["token"].split(".")[0]
-        + f".{stamp}.{signature}",
+        # Another key's payload spliced onto this token's signature, and the other way round.
+        "spliced": other.rsplit(".", 1)[0] + "." + signature,
+        "spliced signature": body + "." + other.rsplit(".", 1)[1],
+        # The first token format (itsdangerous' URLSafeTimedSerializer, salt v1), same secret.
+        "v1 format": URLSafeTimedSerializer(client.application.config["SECRET_KEY"], salt="keygate.query-token.v1")
+        .dumps({"k": key_id, "s": "data:read", "g": 0, "e": int(expires_at)}),
     }
     for what, value in tampered.items():
         assert value != token
@@ -196,6 +216,27 @@ def test_a_tampered_token_is_invalid(client, reader):
         if value:
             assert value not in json.dumps(data), what  # a refusal never echoes the credential
     assert get_data(client, token).status_code == 200  # the original still works
+
+
+def test_a_validly_signed_payload_of_another_shape_is_refused(store, secret_key, reader):
+    """Only ``TokenSigner`` signs with its salt, but a payload it can't read is refused, not a 500."""
+    signer = TokenSigner([secret_key])
+    good = f"{reader.record.id}.0.{int(time.time()) + 60}.{b64('data:read')}"
+    assert signer.verify(store, signer._signer.sign(good).decode()).key_id == reader.record.id
+    for payload in ["", "x", "a.b.c", f"{reader.record.id}.zero.1.{b64('data:read')}",
+                    f"{reader.record.id}.0.soon.{b64('data:read')}", f"{reader.record.id}.0.1.%%%",
+                    f"{reader.record.id}.0.{int(time.time()) + 60}.{b64('x')}\xff",
+                    f"{reader.record.id}.0.{int(time.time()) + 60}.{b64('nope')}.extra"]:
+        with pytest.raises((InvalidToken, TokenExpired)):
+            signer.verify(store, signer._signer.sign(payload).decode())
+
+
+def test_a_token_longer_lived_than_the_current_cap_is_refused(store, secret_key, reader):
+    """Lowering KEYGATE_TOKEN_MAX_TTL retires the tokens minted under the higher cap."""
+    long_lived = TokenSigner([secret_key], max_ttl=86400).mint(reader.record, ttl=86400).token
+    assert TokenSigner([secret_key], max_ttl=86400).verify(store, long_lived).key_id == reader.record.id
+    with pytest.raises(InvalidToken):
+        TokenSigner([secret_key], max_ttl=3600).verify(store, long_lived)
 
 
 @MEMORY_ONLY
@@ -385,7 +426,7 @@ def cli_store(env):  # noqa: ANN001, ANN201
 
 def assert_clean_failure(proc, *, names: str) -> None:  # noqa: ANN001
     assert_one_line_failure(proc, names=names)
-    assert TOKEN_PAYLOAD_PREFIX not in proc.stdout + proc.stderr  # no token was printed
+    assert not TOKEN_TRACE_RE.search(proc.stdout + proc.stderr)  # no token was printed
 
 
 def test_mint_token_cli(env, cli_store, make_app):
@@ -406,7 +447,7 @@ def test_mint_token_cli(env, cli_store, make_app):
     proc = run_cli(env, "mint-token", key.record.id)
     assert proc.returncode == 0, proc.stderr
     token = proc.stdout.strip()
-    assert "\n" not in token and token.startswith(TOKEN_PAYLOAD_PREFIX)
+    assert "\n" not in token and TOKEN_RE.fullmatch(token) and token.startswith(key.record.id)
     assert token not in proc.stderr and key.plaintext not in proc.stdout + proc.stderr
     caller = get_data(client, token).get_json()["caller"]
     assert caller["scopes"] == ["secret:read", "data:read"] and caller["via"] == "token"
@@ -527,4 +568,27 @@ def test_a_whole_server_run_never_prints_a_key_or_token(env, start_server):
         assert value[-20:] not in output  # not even a recognisable piece of it
     assert not re.search(r"token=(?!\[REDACTED\])", output)
     assert not re.search(r"kg_[0-9A-Za-z]{8,}", output)
-    assert TOKEN_PAYLOAD_PREFIX not in output  # no token, tampered or not
+    assert not TOKEN_TRACE_RE.search(output)  # no token, tampered or not
+
+
+# -- reading the token out of the query string -------------------------------------------------
+
+QUERY_CHARS = "aZ09-_.~=&+%;: \x00é" + "%2B%26%3D%41%zz"
+
+
+@given(st.text(alphabet=QUERY_CHARS, max_size=40).map(lambda s: "token=" + s)
+       | st.text(alphabet=QUERY_CHARS, max_size=40))
+@settings(max_examples=500, deadline=None)
+def test_the_token_is_read_from_the_query_exactly_as_werkzeug_parses_it(query):
+    """``QueryToken.extract`` skips werkzeug's query parsing for a bare ``token=…``; the
+    shortcut must never give another answer than the parse it skips."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from keys.auth import QueryToken
+
+    environ = EnvironBuilder(path="/data").get_environ()
+    environ["QUERY_STRING"] = query.encode("utf-8").decode("latin-1")  # as a WSGI server gives it
+    source = QueryToken(TokenSigner(["s" * 32]))
+    expected = Request(dict(environ)).args.get("token") if query else None
+    assert source.extract(Request(dict(environ))) == expected
