@@ -65,6 +65,7 @@ _MAGIC = b"KGRL0001"
 _HEADER = 64
 _SLOT = struct.Struct("<16sd")  # key id (NUL-padded), theoretical arrival time
 _PROBES = 16
+_MAX_CELLS = 100_000  # per-process memo of where keys live; a full memo starts over
 
 
 class SharedMemoryLimiter(Limiter):
@@ -95,23 +96,25 @@ class SharedMemoryLimiter(Limiter):
             raise
         self._fd = fd
         self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
+        self._cells: dict[str, list] = {}
 
     def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
-        name = key_id.encode()
-        if len(name) > 16:  # cells hold 16 bytes; longer ids (other apps' keys) are hashed
-            name = hashlib.blake2b(name, digest_size=16).digest()
+        cell = self._cells.get(key_id) or self._cell(key_id)
+        name, start, hint = cell
         interval = limit.period / limit.amount
         now = time.time() if now is None else now
-        start = zlib.crc32(name) % self.slots
         with self._thread_lock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                offset, tat = self._find(name, start, now)
+                stored, tat = _SLOT.unpack_from(self._map, hint)
+                if stored != name:  # moved, evicted, or never stored: look for it
+                    hint, tat = self._find(name, start, now)
+                    cell[2] = hint
                 tat = max(tat, now)
                 new_tat = tat + interval
                 allowed = new_tat - now <= limit.period + 1e-9
                 if allowed:
-                    _SLOT.pack_into(self._map, offset, name, new_tat)
+                    _SLOT.pack_into(self._map, hint, name, new_tat)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         if allowed:
@@ -121,14 +124,28 @@ class SharedMemoryLimiter(Limiter):
         retry = max(1, math.ceil(new_tat - limit.period - now))
         return LimitState(False, limit, 0, retry, retry)
 
+    def _cell(self, key_id: str) -> list:
+        """``[cell name, first probe offset, last known offset]`` for a key, kept per process
+        so a hit skips the encoding, the hash and (usually) the probing."""
+        name = key_id.encode()
+        if len(name) > 16:  # cells hold 16 bytes; longer ids (other apps' keys) are hashed
+            name = hashlib.blake2b(name, digest_size=16).digest()
+        start = zlib.crc32(name) % self.slots
+        name = name.ljust(16, b"\0")
+        cell = [name, start, _HEADER + start * _SLOT.size]
+        with self._thread_lock:
+            if len(self._cells) >= _MAX_CELLS:
+                self._cells.clear()
+            self._cells[key_id] = cell
+        return cell
+
     def _find(self, name: bytes, start: int, now: float) -> tuple[int, float]:
         """The cell for ``name`` (its stored time) or a free/oldest one (time 0)."""
-        padded = name.ljust(16, b"\0")
         victim, victim_tat = -1, math.inf
         for i in range(_PROBES):
             offset = _HEADER + ((start + i) % self.slots) * _SLOT.size
             stored, tat = _SLOT.unpack_from(self._map, offset)
-            if stored == padded:
+            if stored == name:
                 return offset, tat
             if tat <= now or not stored.strip(b"\0"):
                 if victim_tat > 0:  # the first free cell wins over any busy one

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import Counter
 
 from .store.base import KeyStore
@@ -26,10 +28,12 @@ class UsageRecorder:
         self._usage: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
         self._failures: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None  # the flusher, started by the first count
+        self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
         self.flushes = 0  # store writes made, for tests and metrics
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
 
     def hit(self, key_id: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -40,12 +44,14 @@ class UsageRecorder:
             else:
                 entry[0] = now
                 entry[1] += 1
-        self._ensure_thread()
+        if self._thread is None:
+            self._start_thread()
 
     def failure(self, code: str) -> None:
         with self._lock:
             self._failures[code] += 1
-        self._ensure_thread()
+        if self._thread is None:
+            self._start_thread()
 
     def pending_failures(self) -> dict[str, int]:
         with self._lock:
@@ -74,24 +80,37 @@ class UsageRecorder:
                     entry[1] += n
                 self._failures.update(failures)
 
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
+    def _start_thread(self) -> None:
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="keygate-usage", daemon=True)
+            if self._thread is not None:
+                return  # another thread just did it
+            self._stop = stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(stop,), name="keygate-usage", daemon=True)
             self._thread.start()
             if not self._atexit_registered:
                 atexit.register(self.close)
                 self._atexit_registered = True
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.wait(self.interval):
+                self.flush()
+        finally:  # however it ended, the next count starts a new flusher
+            with self._lock:
+                if self._stop is stop:
+                    self._thread = None
+
+    def _after_fork(self) -> None:
+        # A forked child has no flusher thread, a lock possibly held by one, and the
+        # parent's pending counts (the parent writes those): start clean.
+        self._lock = threading.Lock()
+        self._thread = None
+        self._usage, self._failures = {}, Counter()
 
     def close(self) -> None:
-        """Stop the flusher and write what is left (clean shutdown)."""
-        self._stop.set()
+        """Stop the flusher and write what is left (clean shutdown). A later count starts
+        a new flusher."""
+        with self._lock:
+            self._stop.set()
+            self._thread = None
         self.flush()

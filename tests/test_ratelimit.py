@@ -432,6 +432,39 @@ def test_a_key_limited_to_5_per_minute_gets_exactly_5_then_429(make_app):
         assert "Welcome" not in resp.get_data(as_text=True)
 
 
+RATE_LIMIT_HEADERS = ["RateLimit-Policy", "RateLimit", "X-RateLimit-Limit", "X-RateLimit-Remaining",
+                      "X-RateLimit-Reset"]
+
+
+def test_every_response_to_a_limited_key_carries_each_header_once(make_app):
+    """Views' responses get the headers as they are sent, other responses (problems, 204s)
+    in the after-request hook: every kind gets all five, never twice."""
+    app, store = make_app()
+    admin, _ = new_key(store, "6/minute", scopes=["admin"])
+    reader, reader_id = new_key(store)
+    client = app.test_client()
+    A = {"API-Key": admin}
+    responses = {
+        "200 json": client.get("/secret", headers=A),
+        "201 created": client.post("/tokens", headers=A, json={"ttl": 60}),
+        "200 head": client.head("/data", headers=A),
+        "204 no content": client.delete(f"/admin/keys/{reader_id}", headers=A),
+        "404 problem": client.get("/admin/keys/AAAAAAAAAAAA", headers=A),
+        "400 problem": client.post("/admin/keys", headers=A, json={"name": ""}),
+        "429 problem": client.get("/secret", headers=A),
+    }
+    assert [r.status_code for r in responses.values()] == [200, 201, 200, 204, 404, 400, 429]
+    for what, resp in responses.items():
+        for name in RATE_LIMIT_HEADERS:
+            assert len(resp.headers.getlist(name)) == 1, (what, name, resp.headers)
+        assert resp.headers["RateLimit-Policy"] == '"key";q=6;w=60', what
+    assert [ratelimit_field(r)[0] for r in responses.values()] == [5, 4, 3, 2, 1, 0, 0]
+    # A request that never got as far as the limit carries none of them.
+    for resp in [client.get("/secret"), client.get("/secret", headers={"API-Key": reader}),
+                 client.get("/healthz")]:
+        assert not any(name in resp.headers for name in RATE_LIMIT_HEADERS), resp.headers
+
+
 def test_keys_without_their_own_limit_use_the_default(make_app, monkeypatch):
     monkeypatch.setenv("KEYGATE_DEFAULT_RATE_LIMIT", "3/minute")
     app, store = make_app()
