@@ -101,7 +101,8 @@ class SharedMemoryLimiter(Limiter):
     def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
         cell = self._cells.get(key_id) or self._cell(key_id)
         name, start, hint = cell
-        interval = limit.period / limit.amount
+        period = limit.period
+        interval = period / limit.amount
         now = time.time() if now is None else now
         with self._thread_lock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -110,18 +111,17 @@ class SharedMemoryLimiter(Limiter):
                 if stored != name:  # moved, evicted, or never stored: look for it
                     hint, tat = self._find(name, start, now)
                     cell[2] = hint
-                tat = max(tat, now)
-                new_tat = tat + interval
-                allowed = new_tat - now <= limit.period + 1e-9
+                new_tat = (tat if tat > now else now) + interval
+                allowed = new_tat - now <= period + 1e-9
                 if allowed:
                     _SLOT.pack_into(self._map, hint, name, new_tat)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         if allowed:
-            remaining = int((limit.period - (new_tat - now)) / interval + 1e-9)
+            remaining = int((period - (new_tat - now)) / interval + 1e-9)
             return LimitState(True, limit, remaining, math.ceil(new_tat - now), 0)
         # Refused: the quota is back (one request) after ``retry``; RateLimit's t says so too.
-        retry = max(1, math.ceil(new_tat - limit.period - now))
+        retry = max(1, math.ceil(new_tat - period - now))
         return LimitState(False, limit, 0, retry, retry)
 
     def _cell(self, key_id: str) -> list:

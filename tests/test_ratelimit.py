@@ -15,11 +15,13 @@ import json
 import logging
 import multiprocessing
 import os
+import random
 import re
 import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -242,6 +244,38 @@ def test_a_full_table_never_wrongly_refuses(tmp_path):
     # A key that keeps its cell (nobody else competes meanwhile) is limited exactly.
     assert [lim.hit("lonekey00001", limit).allowed for _ in range(10)] == [True] * 3 + [False] * 7
     lim.close()
+
+
+def test_two_workers_share_cells_that_move_under_them(tmp_path):
+    """Each worker remembers where a key's cell was; another worker may since have reused
+    that cell (once expired) for another key. A stale memory must never count a hit
+    against the other key's cell, nor lose one."""
+    path, limit, t0, slots = tmp_path / "ratelimits.mmap", RateLimit(3, "minute"), 1_900_000_000.0, 64
+    a, b = SharedMemoryLimiter(path, slots=slots), SharedMemoryLimiter(path, slots=slots)
+    stale = "stalekey0001"
+    home = zlib.crc32(stale.encode()) % slots
+    other = next(k for k in (f"otherkey{i:04d}" for i in range(10_000))
+                 if zlib.crc32(k.encode()) % slots == home)  # probes the same cells first
+    assert a.hit(stale, limit, now=t0).remaining == 2  # a remembers the cell
+    later = t0 + 3600  # the cell has long expired: free for anyone
+    assert b.hit(other, limit, now=later).remaining == 2  # b reuses it for another key
+    # a's memory points at the other key's cell: it must look again, not write there.
+    assert a.hit(stale, limit, now=later).remaining == 2  # a fresh quota, in a cell of its own
+    assert b.hit(other, limit, now=later).remaining == 1  # untouched by a
+    assert a.hit(other, limit, now=later).remaining == 0
+    assert [b.hit(stale, limit, now=later).remaining, a.hit(stale, limit, now=later).allowed] == [1, True]
+    assert not b.hit(stale, limit, now=later).allowed
+    # Within the table's capacity, two workers interleaving hits count every key exactly.
+    x, y = SharedMemoryLimiter(tmp_path / "t.mmap", slots=8), SharedMemoryLimiter(tmp_path / "t.mmap", slots=8)
+    keys = [f"interleave{i:02d}" for i in range(6)]
+    rng = random.Random(7)
+    allowed = dict.fromkeys(keys, 0)
+    for _ in range(60):
+        key = rng.choice(keys)
+        allowed[key] += rng.choice([x, y]).hit(key, limit, now=t0).allowed
+    assert allowed == dict.fromkeys(keys, 3)
+    for lim in (a, b, x, y):
+        lim.close()
 
 
 def _works_from_scratch(lim: SharedMemoryLimiter, key: str = "damagedkey01") -> None:
