@@ -53,6 +53,11 @@ class UsageRecorder:
         if self._thread is None:
             self._start_thread()
 
+    def pending_usage(self) -> dict[str, int]:
+        """Request counts per key id not yet written."""
+        with self._lock:
+            return {key_id: int(entry[1]) for key_id, entry in self._usage.items()}
+
     def pending_failures(self) -> dict[str, int]:
         with self._lock:
             return dict(self._failures)

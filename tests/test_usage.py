@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -214,6 +215,45 @@ def test_close_flushes_what_is_left(memory_store):
         usage.hit(key_id)
     usage.close()
     assert memory_store.get(key_id).use_count == 3
+
+
+def test_counts_after_close_get_a_new_flusher(memory_store):
+    """``close`` stops the flusher; counting again (an app reused after shutdown) starts one."""
+    _, key_id = new_key(memory_store)
+    usage = UsageRecorder(memory_store, interval=0.05)
+    usage.hit(key_id)
+    usage.close()
+    usage.hit(key_id)
+    deadline = time.monotonic() + 10
+    while memory_store.get(key_id).use_count < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert memory_store.get(key_id).use_count == 2
+    usage.close()
+
+
+def test_a_forked_child_counts_only_its_own_requests(memory_store):
+    """A child forked from a process that counted (a pre-forking server) starts with no
+    pending counts (the parent writes those) and a flusher of its own."""
+    _, key_id = new_key(memory_store)
+    usage = UsageRecorder(memory_store, interval=3600)
+    usage.hit(key_id)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, never return into pytest
+        try:
+            fresh = usage.pending_usage() == {} and usage._thread is None
+            usage.hit(key_id)
+            counted = usage.pending_usage().get(key_id) == 1 and usage._thread is not None
+            os.write(write, b"ok" if fresh and counted else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 10) == b"ok"
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert usage.pending_usage() == {key_id: 1}  # the parent's count is still the parent's
+    usage.close()
+    assert memory_store.get(key_id).use_count == 1
 
 
 # -- 10,000 requests, few writes ------------------------------------------------------------
