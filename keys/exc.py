@@ -39,6 +39,11 @@ class StoreUnavailable(KeygateError):
     status = 503
     code = "store_unavailable"
     title = "Key store unavailable"
+    #: A hint for clients: long enough not to hammer a recovering store, short enough for a blip.
+    retry_after = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 # -- 400 ---------------------------------------------------------------------

@@ -119,6 +119,7 @@ def test_an_outage_is_503_never_500_and_never_a_stale_yes(proxied_pg, tmp_path: 
         assert r.status_code == 503, r.text
         assert r.headers["Content-Type"] == "application/problem+json"
         assert r.json["code"] == "store_unavailable"
+        assert r.headers["Retry-After"] == "5"  # a hint, so clients back off instead of hammering
     # Management calls too (the admin key is cached, the listing is not); junk is still a
     # plain 401, decided before any store access; and the health probe still answers.
     r = client.get("/admin/keys", headers={"API-Key": admin.plaintext})

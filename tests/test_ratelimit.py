@@ -676,7 +676,8 @@ def test_an_unreachable_limit_store_fails_closed_by_default(make_app, caplog):
         assert resp.headers["Content-Type"].startswith("application/problem+json")
         body = resp.get_json(force=True)
         assert body["status"] == 503
-        assert body["code"] != "internal_error"
+        assert body["code"] == "rate_limit_unavailable"
+        assert resp.headers["Retry-After"] == "5"
         assert "Welcome" not in resp.get_data(as_text=True)
     lines = _outage_lines(caplog)
     assert 1 <= len(lines) < 5, "one clear line, not one per request"
