@@ -109,9 +109,14 @@ def rotate_key(store: KeyStore, key_id: str, *, grace: int | None = None,
         last_used_at=None, use_count=0, replaces=old.id, generation=0,
     )
     stops_at = now + (grace or 0)
-    event = AuditEvent("rotate", old.id, actor or cli_actor(), now,
-                       {"new_key_id": new.id, "grace_seconds": grace or 0})
-    if store.rotate(new, old.id, stops_at, event) is None:
+    actor = actor or cli_actor()
+    events = [
+        AuditEvent("rotate", old.id, actor, now, {"new_key_id": new.id, "grace_seconds": grace or 0}),
+        # The new key's own history starts with where it came from.
+        AuditEvent("create", new.id, actor, now,
+                   {"name": new.name, "scopes": list(new.scopes), "replaces": old.id}),
+    ]
+    if store.rotate(new, old.id, stops_at, events) is None:
         raise NotFound(f"no key with id {key_id[:40]!r}")
     return IssuedKey(key.plaintext, new)
 

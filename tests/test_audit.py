@@ -82,6 +82,7 @@ def test_api_lifecycle_events_are_recorded_without_secrets(client, store, store_
     events = body["events"]
     assert [(e["event"], e["key_id"]) for e in events] == [
         ("revoke", rotated["id"]),
+        ("create", rotated["id"]),  # the replacement's history starts with the rotation
         ("rotate", created["id"]),
         ("mint_token", created["id"]),
         ("create", created["id"]),
@@ -93,9 +94,10 @@ def test_api_lifecycle_events_are_recorded_without_secrets(client, store, store_
     ids = [e["id"] for e in events]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == len(ids)  # newest first
     by_admin = f"key:{admin.record.id}"
-    assert [e["actor"] for e in events[:4]] == [by_admin, by_admin, f"key:{created['id']}", by_admin]
-    revoke, rotate, minted, create = events[:4]
+    assert [e["actor"] for e in events[:5]] == [by_admin, by_admin, by_admin, f"key:{created['id']}", by_admin]
+    revoke, replacement, rotate, minted, create = events[:5]
     assert rotate["detail"]["new_key_id"] == rotated["id"] and rotate["detail"]["grace_seconds"] == 3600
+    assert replacement["detail"] == {"name": "svc", "scopes": ["data:read"], "replaces": created["id"]}
     assert minted["detail"]["scopes"] == ["data:read"] and minted["detail"]["expires_at"] == token["expires_at"]
     assert create["detail"]["name"] == "svc" and create["detail"]["scopes"] == ["data:read"]
 
@@ -280,6 +282,7 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
     events = trail["events"]
     assert [(e["event"], e["key_id"]) for e in events] == [
         ("revoke", rotated["id"]),
+        ("create", rotated["id"]),
         ("rotate", svc["id"]),
         ("mint_token", svc["id"]),
         ("create", svc["id"]),
@@ -295,7 +298,8 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
     only_svc = cli_json(env, "audit", "--key", svc["id"])
     assert [e["event"] for e in only_svc["events"]] == ["rotate", "mint_token", "create"]
     newest = cli_json(env, "audit", "--limit", "2")
-    assert [e["event"] for e in newest["events"]] == ["revoke", "rotate"]
+    assert [e["event"] for e in newest["events"]] == ["revoke", "create"]
+    assert [e["event"] for e in cli_json(env, "audit", "--key", rotated["id"])["events"]] == ["revoke", "create"]
     outputs += [json.dumps(only_svc), json.dumps(newest)]
 
     text = run_cli(env, "audit")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..model import AuditEvent, KeyRecord
 
@@ -49,11 +49,11 @@ class KeyStore(ABC):
 
     @abstractmethod
     def rotate(
-        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, events: Sequence[AuditEvent] = ()
     ) -> KeyRecord | None:
-        """Atomically add ``new`` and revoke ``old_id`` at ``old_revoked_at``
-        (as ``revoke`` does). Returns the old key's updated record, ``None`` if unknown
-        (then nothing is written)."""
+        """Atomically add ``new``, revoke ``old_id`` at ``old_revoked_at`` (as ``revoke``
+        does) and append ``events``. Returns the old key's updated record, ``None`` if
+        unknown (then nothing is written)."""
 
     @abstractmethod
     def revision(self) -> int:

@@ -6,7 +6,7 @@ import bisect
 import dataclasses
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore
@@ -70,14 +70,15 @@ class MemoryKeyStore(KeyStore):
             return record
 
     def rotate(
-        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, events: Sequence[AuditEvent] = ()
     ) -> KeyRecord | None:
         with self._lock:
             if old_id not in self._keys:
                 return None
             self._insert(new)
             record = self._revoke(old_id, old_revoked_at)
-            self._append_event(event)
+            for event in events:
+                self._append_event(event)
             return record
 
     def revision(self) -> int:

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -276,14 +276,15 @@ class SqlKeyStore(KeyStore):
         return record
 
     def rotate(
-        self, new: KeyRecord, old_id: str, old_revoked_at: float, event: AuditEvent | None = None
+        self, new: KeyRecord, old_id: str, old_revoked_at: float, events: Sequence[AuditEvent] = ()
     ) -> KeyRecord | None:
         with self._write() as conn:
             old = _revoke(conn, old_id, old_revoked_at)
             if old is None:
                 return None
             conn.execute(keys_table.insert().values(**_record_to_row(new)))
-            _insert_event(conn, event)
+            for event in events:
+                _insert_event(conn, event)
         return old
 
     def record_event(self, event: AuditEvent) -> None:
