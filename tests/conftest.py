@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -19,6 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("KEYGATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("KEYGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("KEYGATE_REQUIRE_SERVICES") == "1"
+
+# Anything shaped like a key or a query token (keys/keyformat.py, keys/tokens.py).
+CREDENTIAL_RE = re.compile(r"kg_[0-9A-Za-z]{20,}|[0-9A-Za-z]{12}\.\d+\.\d{10}\.[\w-]+\.[\w-]{43}")
+
+
+def assert_no_credentials(text: str, where: str) -> None:
+    """No key or token in ``text``; the message shows where, never the value itself."""
+    found = CREDENTIAL_RE.search(text)
+    assert found is None, f"{where}: a credential-shaped value at offset {found.start()}: " \
+        f"{text[max(0, found.start() - 80):found.start()]!r}[…]"
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -175,7 +186,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
+            # Every server of the suite, whatever its test did: nothing it printed may hold
+            # a key or a token (the access log redacts them; nothing else may print them).
+            assert_no_credentials(self.output(), f"output of the server on port {self.port}")
 
 
 @pytest.fixture
