@@ -18,7 +18,10 @@ def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> dict
     typo (``scope`` for ``scopes``) is an error rather than silently ignored."""
     if request.content_length and request.content_length > MAX_BODY:
         raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
-    raw = request.get_data(cache=True)
+    # A chunked body has no Content-Length: read one byte past the limit, never the rest.
+    raw = request.stream.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
     if not raw:  # no body; whitespace alone (or \v, which bytes.strip() also took) is not JSON
         data: Any = {}
     else:

@@ -261,6 +261,24 @@ def test_odd_bytes_around_a_real_key(live: Live) -> None:
         assert 400 <= status < 500
 
 
+def test_a_chunked_body_is_read_only_up_to_the_limit(live: Live) -> None:
+    """No Content-Length to check first: the body is read up to 64 KiB and no further."""
+    url, headers = live.server.url + "/tokens", {"API-Key": live.admin, "Content-Type": "application/json"}
+
+    def chunks(total: int):  # noqa: ANN202 — requests sends a generator chunked
+        yield b'{"ttl": 60, "pad": "'
+        for _ in range(total // 4096):
+            yield b"x" * 4096
+        yield b'"}'
+
+    huge = requests.post(url, data=chunks(2 * 1024 * 1024), headers=headers, timeout=30)
+    assert assert_problem(huge, 400, "invalid_request")["detail"] == "body must be at most 65536 bytes"
+    small = requests.post(url, data=iter([b'{"ttl": ', b"60}"]), headers=headers, timeout=10)
+    assert small.status_code == 201, small.text
+    live.secrets.append(small.json()["token"])
+    assert requests.get(live.server.url + "/healthz", timeout=10).status_code == 200
+
+
 def test_unknown_path_is_a_404_problem(live: Live) -> None:
     body = assert_problem(live.get("/no/such/thing"), 404, "not_found")
     assert body["instance"] == "/no/such/thing"
