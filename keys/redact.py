@@ -8,8 +8,9 @@ import re
 _QUERY_SECRET_RE = re.compile(r"(?i)([?&;](?:token|api[-_]?key|key)=)[^&#\s\"]*")
 _KEY_RE = re.compile(r"kg_[0-9A-Za-z]{20,}")
 # A query token outside a ``token=`` argument (say, pasted into a Referer): key id,
-# generation, expiry, scopes, signature (see ``keys.tokens``).
-_TOKEN_RE = re.compile(r"[0-9A-Za-z]+\.\d+\.\d+\.[\w-]+\.[\w-]{43}")
+# generation, expiry, scopes, signature (see ``keys.tokens``). Anchored on a 12-character
+# id that starts a word, so a long run of letters costs linear time, not quadratic.
+_TOKEN_RE = re.compile(r"(?<![0-9A-Za-z])[0-9A-Za-z]{12}\.\d+\.\d+\.[\w-]+\.[\w-]{43}")
 REDACTED = "[REDACTED]"
 
 
