@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -250,6 +249,28 @@ def make_app(tmp_path: Path):  # noqa: ANN201
     for app in apps:
         app.extensions["keygate.usage"].close()
         app.extensions["keygate.ratelimits"].limiter.close()
+
+
+@pytest.fixture
+def app(store, make_app):  # noqa: ANN001, ANN201
+    """The app over ``store`` (every backend ``store`` is parametrized over)."""
+    return make_app(store)
+
+
+@pytest.fixture
+def client(app):  # noqa: ANN001, ANN201
+    return app.test_client()
+
+
+@pytest.fixture
+def cli_store(env: dict[str, str]):  # noqa: ANN201
+    """The (initialised) store the CLI subprocesses of ``env`` use, opened in-process too."""
+    from keys import open_store
+
+    s = open_store(env["KEYGATE_DATABASE_URL"])
+    s.migrate()
+    yield s
+    s.close()
 
 
 @pytest.fixture

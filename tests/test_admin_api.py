@@ -16,7 +16,7 @@ import pytest
 import keys.verify
 from api import create_app
 from conftest import assert_one_line_failure, iso, run_cli
-from keys import KeyRevoked, generate_key, hash_key, issue_key, open_store, verify_key
+from keys import KeyRevoked, generate_key, hash_key, issue_key, verify_key
 
 PROBLEM = "application/problem+json"
 MEMORY_ONLY = pytest.mark.parametrize("store_url", ["memory://"], ids=["memory"])
@@ -53,22 +53,6 @@ def assert_no_secrets(text: str, store) -> None:  # noqa: ANN001
         for record in page:
             assert record.key_hash not in text
         after = page[-1].id
-
-
-@pytest.fixture
-def app(store, make_app):  # noqa: ANN001, ANN201
-    return make_app(store)
-
-
-@pytest.fixture
-def client(app):  # noqa: ANN001, ANN201
-    return app.test_client()
-
-
-
-
-
-
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -438,14 +422,6 @@ def test_bad_rotate_bodies_are_400_naming_the_field(client, store, A, body, fiel
 def assert_clean_failure(proc, *, names: str) -> None:  # noqa: ANN001
     assert_one_line_failure(proc, names=names)
     assert "kg_" not in proc.stdout  # no key was printed
-
-
-@pytest.fixture
-def cli_store(env):  # noqa: ANN001, ANN201
-    s = open_store(env["KEYGATE_DATABASE_URL"])
-    s.migrate()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -41,25 +41,6 @@ def cli_user() -> str:
         return "unknown"
 
 
-
-
-
-@pytest.fixture
-def app(store, make_app):  # noqa: ANN001, ANN201
-    return make_app(store)
-
-
-@pytest.fixture
-def client(app):  # noqa: ANN001, ANN201
-    return app.test_client()
-
-
-
-
-
-
-
-
 def audit(client, A, **query) -> dict:  # noqa: ANN001, N803
     resp = client.get("/admin/audit", headers=A, query_string=query)
     assert resp.status_code == 200, resp.get_data(as_text=True)

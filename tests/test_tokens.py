@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
 import keys.tokens
-from api import create_app
 from conftest import assert_one_line_failure, run_cli
-from keys import InvalidToken, TokenExpired, generate_key, issue_key, open_store
+from keys import InvalidToken, TokenExpired, generate_key, issue_key
 from keys.tokens import TokenSigner
 
 PROBLEM = "application/problem+json"
@@ -75,17 +74,6 @@ def mint(client, issued, status: int = 201, **body) -> dict:  # noqa: ANN001
 
 def get_data(client, token: str):  # noqa: ANN001, ANN201
     return client.get("/data", query_string={"token": token})
-
-
-
-
-
-@pytest.fixture
-def client(store, make_app):  # noqa: ANN001, ANN201
-    return make_app(store).test_client()
-
-
-
 
 
 @pytest.fixture
@@ -414,14 +402,6 @@ def test_minting_needs_a_valid_key_in_the_header(client, store, reader):
 
 
 # -- manage.py mint-token -----------------------------------------------------------------------
-
-@pytest.fixture
-def cli_store(env):  # noqa: ANN001, ANN201
-    """The (initialised) store the CLI subprocesses of ``env`` use, opened in-process too."""
-    s = open_store(env["KEYGATE_DATABASE_URL"])
-    s.migrate()
-    yield s
-    s.close()
 
 
 def assert_clean_failure(proc, *, names: str) -> None:  # noqa: ANN001

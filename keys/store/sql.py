@@ -283,8 +283,8 @@ class SqlKeyStore(KeyStore):
             if old is None:
                 return None
             conn.execute(keys_table.insert().values(**_record_to_row(new)))
-            for event in events:
-                _insert_event(conn, event)
+            for audit_event in events:
+                _insert_event(conn, audit_event)
         return old
 
     def record_event(self, event: AuditEvent) -> None:
