@@ -23,7 +23,6 @@ from datetime import datetime
 import pytest
 import requests
 
-from api import create_app
 from conftest import run_cli, wait_for_workers
 from keys import issue_key, open_store
 from keys.usage import UsageRecorder
@@ -31,23 +30,6 @@ from keys.usage import UsageRecorder
 
 def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-@pytest.fixture
-def make_app(tmp_path):  # noqa: ANN201
-    """``make_app(store, **settings)`` → app; its usage recorder is closed at teardown."""
-    made = []
-
-    def make(store, **config):  # noqa: ANN001, ANN202
-        config.setdefault("INSTANCE_PATH", str(tmp_path / "instance"))
-        app = create_app(config, store=store)
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        app.extensions["keygate.usage"].close()
-        app.extensions["keygate.ratelimits"].limiter.close()
 
 
 def new_key(store, scopes=("secret:read", "data:read"), **kw):  # noqa: ANN001, ANN201
