@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 
 from keys.exc import NotFound
 
@@ -43,6 +43,6 @@ def register(app: Flask, path: Path = OPENAPI_PATH) -> None:
     def openapi_json() -> Response:
         if body is None:
             raise NotFound(f"{path.name} is not installed with this copy of keygate")
-        return Response(body, mimetype="application/json")
+        return current_app.response_class(body, mimetype="application/json")
 
     app.add_url_rule("/openapi.json", "openapi", openapi_json, methods=["GET"])

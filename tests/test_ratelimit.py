@@ -193,7 +193,7 @@ PROCESS_LIMIT = RateLimit(20_000, "day")
 
 def _hammer(path: str, key: str, hits: int, start, out, index: int) -> None:  # noqa: ANN001
     lim = SharedMemoryLimiter(path)  # each process maps the file itself, as a worker does
-    start.wait()
+    start.wait(60)
     out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
     lim.close()
 
@@ -203,14 +203,13 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
     40,000 hits against 20,000/day give exactly 20,000 successes in total."""
     ctx = multiprocessing.get_context("fork")
     path, procs_n, hits = str(tmp_path / "ratelimits.mmap"), 4, 10_000
-    start = ctx.Event()
+    start = ctx.Barrier(procs_n + 1)  # released once every process has mapped the file
     out = ctx.Array("i", procs_n, lock=False)
     procs = [ctx.Process(target=_hammer, args=(path, "sharedkey001", hits, start, out, i))
              for i in range(procs_n)]
     for p in procs:
         p.start()
-    time.sleep(0.2)  # let them all map the file; correctness doesn't depend on it
-    start.set()
+    start.wait(60)
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -223,7 +222,7 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
 
 
 def _hammer_inherited(lim: SharedMemoryLimiter, key: str, hits: int, start, out, index: int) -> None:  # noqa: ANN001
-    start.wait()
+    start.wait(60)
     out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
 
 
@@ -234,14 +233,13 @@ def test_shared_memory_is_exact_in_workers_forked_after_it_was_opened(tmp_path):
     ctx = multiprocessing.get_context("fork")
     lim = SharedMemoryLimiter(tmp_path / "ratelimits.mmap")
     procs_n, hits = 4, 10_000
-    start = ctx.Event()
+    start = ctx.Barrier(procs_n + 1)
     out = ctx.Array("i", procs_n, lock=False)
     procs = [ctx.Process(target=_hammer_inherited, args=(lim, "forkedkey001", hits, start, out, i))
              for i in range(procs_n)]
     for p in procs:
         p.start()
-    time.sleep(0.2)
-    start.set()
+    start.wait(60)
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
