@@ -125,7 +125,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     api = KeygateApi(
         app,
-        version="1.0",
+        version=openapi.package_version(),
         title="keygate",
         description="A JSON API secured by API keys. Authorize with a key (API-Key header) "
         "or, on /data, a short-lived query token. The full contract, with every error response "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,15 @@ def load_document(path: Path = OPENAPI_PATH) -> str | None:
         return _rendered(path, path.stat().st_mtime_ns)
     except FileNotFoundError:
         return None
+
+
+def package_version() -> str:
+    """keygate's version (pyproject.toml's, as installed): the ``info.version`` of openapi.yaml
+    and of Flask-RESTX's own document, so a client can tell which contract it talks to."""
+    try:
+        return metadata.version("keygate")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
 
 
 def register(app: Flask, path: Path = OPENAPI_PATH) -> None:
