@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-http clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +18,23 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## run: install, initialise the store (printing a one-time admin key if it is empty), serve on :5000
+## run: install, initialise the store (printing a one-time admin key if it is empty), serve on
+## :5000 (or PORT=8080; KEYGATE_HOST, KEYGATE_PORT and KEYGATE_WORKERS are read too)
 run: $(VENV)/.installed-run
 	$(PY) manage.py init
-	$(PY) manage.py serve
+	$(PY) manage.py serve $(if $(PORT),--port $(PORT))
 
 ## test: install and run the whole test suite
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
-## bench: the per-request cost of authentication (see bench/README.md)
+## bench: the per-request cost of authentication; bench-http: the server against its peers
+## over real sockets (needs wrk); see bench/README.md
 bench: $(VENV)/.installed-test
 	$(PY) bench/bench_auth.py
+
+bench-http: $(VENV)/.installed-test
+	$(PY) bench/bench_http.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

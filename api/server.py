@@ -25,8 +25,8 @@ from .accesslog import AccessLog, WSGIApp
 #: slow backend (up to its 1-2 s timeout) doesn't stall the worker; few enough that the
 #: GIL isn't fought over (measured in bench/README.md).
 THREADS = 4
-#: Requests a worker takes on at once; more wait in the kernel's accept queue.
-BACKPRESSURE = 64
+#: Descriptors kept back from connections for the store, logs and the rate-limit table.
+RESERVED_FDS = 256
 #: Request line plus headers, bytes; beyond it, 431 from the server. An 8 KB API-Key
 #: header still reaches the app (and gets its 401).
 MAX_HEADER_BYTES = 32 * 1024
@@ -114,6 +114,28 @@ def load_worker_app(target: str) -> WSGIApp:
     return AccessLog(app)
 
 
+def connection_budget() -> int:
+    """How many connections a worker accepts at once (granian's ``backpressure``).
+
+    granian counts connections here, not requests: an idle keep-alive connection holds
+    its share until the header timeout closes it. Requests are bounded by ``THREADS``
+    anyway, so the budget is as many connections as the worker may hold descriptors for:
+    the soft descriptor limit is raised to the hard one first, as servers do.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # keep what we were given
+    limit = 65536 if soft == resource.RLIM_INFINITY else soft
+    return max(64, min(limit, 65536) - RESERVED_FDS)
+
+
 def serve(options: ServeOptions, target: str = "api:create_app") -> None:
     """Serve the app that the factory ``target`` (``module:function``) builds, until SIGTERM
     or SIGINT; then every worker finishes its requests and closes its app."""
@@ -129,7 +151,7 @@ def serve(options: ServeOptions, target: str = "api:create_app") -> None:
         workers=options.workers,
         blocking_threads=options.threads,
         blocking_threads_idle_timeout=600,
-        backpressure=BACKPRESSURE,
+        backpressure=connection_budget(),
         http=HTTPModes.auto,
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_TIMEOUT_MS, keep_alive=True,
                                      max_buffer_size=MAX_HEADER_BYTES),

@@ -142,16 +142,21 @@ def free_port() -> int:
 
 
 class Server:
-    """A real ``manage.py serve`` process; its whole output is kept for inspection."""
+    """A real ``manage.py serve`` process; its whole output is kept for inspection.
 
-    def __init__(self, env: dict[str, str], workers: int = 1, log_path: Path | None = None) -> None:
+    ``args`` go to ``serve`` after ``--port`` and ``--workers``; ``verify`` is the CA bundle
+    of an HTTPS server (its ``url`` is then ``https://``)."""
+
+    def __init__(self, env: dict[str, str], workers: int = 1, log_path: Path | None = None,
+                 args: tuple[str, ...] = (), verify: str | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.verify: str | bool = verify or True
+        self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(env["KEYGATE_INSTANCE_PATH"]).parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(self.port),
-             "--workers", str(workers)],
+             "--workers", str(workers), *args],
             env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 30
@@ -159,7 +164,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code == 200:
                     return
             except requests.ConnectionError:
                 time.sleep(0.1)
@@ -167,10 +172,10 @@ class Server:
         raise RuntimeError(f"server did not start:\n{self.output()}")
 
     def get(self, path: str, **kw):  # noqa: ANN201
-        return requests.get(self.url + path, timeout=10, **kw)
+        return requests.get(self.url + path, timeout=10, verify=self.verify, **kw)
 
     def request(self, method: str, path: str, **kw):  # noqa: ANN201
-        return requests.request(method, self.url + path, timeout=10, **kw)
+        return requests.request(method, self.url + path, timeout=10, verify=self.verify, **kw)
 
     def output(self) -> str:
         if not self._log.closed:
@@ -194,13 +199,15 @@ class Server:
 
 @pytest.fixture
 def start_server(env: dict[str, str]):
-    """Factory: ``start_server(workers=1, env=...)`` → a running ``Server``; stopped at teardown."""
+    """Factory: ``start_server(workers=1, env_overrides=..., args=..., verify=...)`` → a running
+    ``Server``; stopped at teardown."""
     servers: list[Server] = []
 
-    def start(workers: int = 1, env_overrides: dict[str, str] | None = None) -> Server:
+    def start(workers: int = 1, env_overrides: dict[str, str] | None = None,
+              args: tuple[str, ...] = (), verify: str | None = None) -> Server:
         e = dict(env)
         e.update(env_overrides or {})
-        s = Server(e, workers=workers)
+        s = Server(e, workers=workers, args=args, verify=verify)
         servers.append(s)
         return s
 
@@ -210,7 +217,7 @@ def start_server(env: dict[str, str]):
 
 
 def wait_for_workers(server: Server, n: int, timeout: float = 30) -> list[int]:
-    """Until ``n`` of ``server``'s gunicorn workers have loaded the app (Linux: each maps the
+    """Until ``n`` of ``server``'s workers have loaded the app (Linux: each maps the
     embedded rate-limit table, which create_app opens), so requests can reach every one.
     ``/healthz`` answering only proves that the first worker is up."""
     deadline = time.monotonic() + timeout

@@ -350,7 +350,7 @@ def test_hostile_api_key_values_are_refused_cleanly(h, name):
 
 @pytest.mark.parametrize("padded", [" {}", "{} ", "\t{}\t"])
 def test_spaces_around_the_key_are_not_part_of_it(h, padded):
-    """RFC 9110 §5.5: surrounding whitespace is not part of a field value. gunicorn strips
+    """RFC 9110 §5.5: surrounding whitespace is not part of a field value. Servers strip
     it; the app does too, so the answer is the same behind any server."""
     key = h.key("secret:read")
     ok(h.raw("/secret", padded.format(key)), "/secret")

@@ -4,7 +4,7 @@
   GCRA table, ``limits`` on ``memory://`` and on a real Redis);
 * the HTTP surface (429 ``rate_limited`` problems, ``Retry-After``, the IETF RateLimit
   header fields and ``X-RateLimit-*``) through the Flask test client;
-* real ``manage.py serve`` processes: several gunicorn workers on one host, and
+* real ``manage.py serve`` processes: several server workers on one host, and
   two servers on one Redis, must not multiply a key's limit;
 * a limit store that is down fails in the direction the operator chose.
 """
@@ -199,7 +199,7 @@ def _hammer(path: str, key: str, hits: int, start, out, index: int) -> None:  # 
 
 
 def test_shared_memory_is_exact_across_processes(tmp_path):
-    """Four processes (gunicorn workers, say) opening the same file share one limit:
+    """Four processes (server workers, say) opening the same file share one limit:
     40,000 hits against 20,000/day give exactly 20,000 successes in total."""
     ctx = multiprocessing.get_context("fork")
     path, procs_n, hits = str(tmp_path / "ratelimits.mmap"), 4, 10_000
@@ -444,7 +444,7 @@ def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
 
 @pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999"])
 def test_serve_refuses_a_bad_storage_url_in_one_line(env, url):
-    """Caught before gunicorn starts, not as a traceback in every worker that boots."""
+    """Caught before the server starts, not as a traceback in every worker that boots."""
     assert run_cli(env, "init", "--no-admin-key").returncode == 0
     result = run_cli({**env, "KEYGATE_RATELIMIT_STORAGE_URL": url}, "serve", "--port", "1", timeout=30)
     assert result.returncode != 0

@@ -1,4 +1,4 @@
-"""``manage.py serve``: a real gunicorn process, real sockets, real access log.
+"""``manage.py serve``: a real server process (granian), real sockets, real access log.
 
 The server runs once per worker count (1 and 2) for the whole module; keys are
 made with the real CLI while it runs. Every plaintext the tests issue is

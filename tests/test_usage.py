@@ -2,7 +2,7 @@
 
 A request only bumps a counter in the worker's memory; ``UsageRecorder`` writes the batch
 to the store every 5 seconds from a daemon thread, and once more on a clean shutdown
-(SIGTERM to ``manage.py serve``: gunicorn's ``worker_exit`` hook flushes each worker).
+(SIGTERM to ``manage.py serve``: each worker writes its batch as it exits).
 
 What a crash may lose: a worker that dies without a clean shutdown (SIGKILL, OOM kill,
 power loss) loses the counts it gathered since its last flush — at most one flush
@@ -300,7 +300,7 @@ def test_usage_shows_in_show_key_and_list_keys(env, make_app):
 
 @pytest.mark.slow
 def test_a_clean_shutdown_flushes_every_worker(env, start_server):
-    """SIGTERM → gunicorn stops its workers → each worker's exit hook writes its batch, so the
+    """SIGTERM → the server stops its workers → each worker writes its batch as it exits, so the
     count is exact even though the 5 s interval never elapsed."""
     admin = json.loads(run_cli(env, "init", "--json").stdout)["admin_key"]
     created = json.loads(run_cli(env, "create-key", "--name", "c", "--scope", "secret:read", "--json").stdout)
