@@ -151,6 +151,7 @@ class Setup:
     store: str  # "sqlite" or "postgresql"
     limiter: str  # "embedded" or "redis"
     target: bool = False  # held to TARGET_RATIO
+    root: Path = ROOT  # the source tree whose manage.py serves it
     url: str = ""
     key: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -158,8 +159,8 @@ class Setup:
     ratios: list[float] = field(default_factory=list)
 
 
-def manage(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT,
+def manage(root: Path, env: dict[str, str], *args: str) -> str:
+    result = subprocess.run([sys.executable, str(root / "manage.py"), *args], env=env, cwd=root,
                             capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise SystemExit(f"manage.py {args[0]} failed: {result.stderr.strip()}")
@@ -191,16 +192,16 @@ def start_server(setup: Setup, store_url: str, redis_url: str, workdir: Path, wo
                KEYGATE_SECRET_KEY=secrets.token_urlsafe(48))
     if setup.limiter == "redis":
         env.update(KEYGATE_RATELIMIT_STORAGE_URL=redis_url, KEYGATE_RATELIMIT_PREFIX=f"bench:{setup.store}:")
-    manage(env, "init", "--no-admin-key")
-    created = json.loads(manage(env, "create-key", "--name", "bench", "--scope", "secret:read",
+    manage(setup.root, env, "init", "--no-admin-key")
+    created = json.loads(manage(setup.root, env, "create-key", "--name", "bench", "--scope", "secret:read",
                                 "--rate-limit", NEVER_REACHED, "--json"))
     setup.key = created["key"]
     port = free_port()
     setup.url = f"http://127.0.0.1:{port}"
     log = (workdir / "server.log").open("w")
     setup.proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port), "--workers", str(workers)],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [sys.executable, str(setup.root / "manage.py"), "serve", "--port", str(port), "--workers", str(workers)],
+        env=env, cwd=setup.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if setup.proc.poll() is not None:
@@ -266,6 +267,16 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def export_ref(ref: str, into: Path) -> Path:
+    """The tree of git ``ref`` (``main``, a commit), exported to ``into`` to serve from."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--also-ref {ref}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
 def _postgres_reachable() -> bool:
     try:
         socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
@@ -280,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5, help="seconds per wrk run (default 5)")
     ap.add_argument("--workers", type=int, default=2, help="serve --workers (default 2)")
     ap.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL setups")
+    ap.add_argument("--also-ref", metavar="REF",
+                    help="also SQLite + Redis as served by git REF (e.g. main), for a before/after in the same "
+                         "run; its dependencies must be installed in this environment")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 2 s: a smoke test, numbers only indicative")
     args = ap.parse_args(argv)
     if args.quick:
@@ -314,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             setups += [Setup("PostgreSQL + embedded", "postgresql", "embedded"),
                        Setup("PostgreSQL + Redis", "postgresql", "redis", target=True)]
             pg_url = stack.enter_context(postgres_schema())
+        if args.also_ref:
+            setups.append(Setup(f"SQLite + Redis ({args.also_ref[:12]})", "sqlite", "redis",
+                                root=export_ref(args.also_ref, workdir / "ref")))
         for i, setup in enumerate(setups):
             (workdir / f"s{i}").mkdir()
             # The two PostgreSQL setups share the run's schema, each with a key of its own.
@@ -345,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print("    (ratio: median over the rounds of req/s ÷ SQLite + embedded's req/s in the same round)")
 
         print("\n(c) Redis commands per authenticated request (MONITOR, 200 requests, fresh connections)")
-        for setup in (s for s in setups if s.limiter == "redis"):
+        for setup in (s for s in setups if s.limiter == "redis" and s.root == ROOT):
             seen = one_command_each(setup, redis_url, 200)
             per_request = sum(seen.values()) / 200
             exact = per_request == 1 and set(seen) == {"EVALSHA"}

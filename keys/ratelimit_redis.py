@@ -1,7 +1,8 @@
 """GCRA in Redis: one ``EVALSHA`` per hit decides it and returns what the headers need.
 
 Hand-written because no maintained library offers it: ``limits`` (5.8) has moving,
-fixed and sliding windows only, each needing a second call for the window's state.
+fixed and sliding windows only, each needing a second call for the window's state
+(and Redis' own ``GCRA`` command arrives only with Redis 8.8).
 
 The script is ``gcra_step`` of ``keys/ratelimit.py`` in Lua, operation for operation on
 the same IEEE doubles, so a fleet on Redis answers exactly as one host's embedded
@@ -20,13 +21,14 @@ idle counters cost no memory.
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from .exc import ConfigError
 from .parse import RateLimit
 from .ratelimit import KEY_NAMESPACE, Limiter, LimitState, RateLimitUnavailable, check_namespace, limit_state
 
-#: Budget of one hit, connecting included: a Redis that is down or hung must cost the
-#: request well under a second (then 503, or fail-open), never the client's default minutes.
+#: Budget of connecting, and of one answer: a Redis that is down or hung must cost the
+#: request under a second (then 503, or fail-open), never the client's default minutes.
 TIMEOUT = 0.5
 
 _PREFIX_RE = re.compile(r"[!-z|~]{1,64}")  # printable ASCII but space and braces (hash tags)
@@ -61,6 +63,22 @@ def check_prefix(prefix: str) -> str:
     return prefix
 
 
+def _check_url(url: str) -> None:
+    """What redis-py would let through to fail (or worse, quietly fall back) at the first
+    request. Messages never repeat the URL: it may hold a password."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise ValueError("the URL holds spaces or control characters")
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("redis+unix:// needs the socket's path, e.g. redis+unix:///run/redis.sock")
+        return
+    parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    db = parts.path.strip("/")
+    if db and not db.isdigit():  # redis-py would quietly use database 0
+        raise ValueError(f"the database is a number, as in redis://host:6379/0, not {db[:20]!r}")
+
+
 class RedisLimiter(Limiter):
     """GCRA cells in Redis, shared by every host that uses the same server and prefix."""
 
@@ -76,9 +94,10 @@ class RedisLimiter(Limiter):
         except ImportError:
             raise ConfigError("KEYGATE_RATELIMIT_STORAGE_URL: redis:// needs the redis package "
                               "(pip install 'keygate[redis]')") from None
-        if url.startswith("redis+unix://"):  # the scheme limits (and so keygate) always accepted
+        if url.startswith("redis+unix://"):  # the scheme keygate has always accepted
             url = "unix://" + url[len("redis+unix://"):]
         try:
+            _check_url(url)
             self._client = redis.Redis.from_url(
                 url, socket_timeout=timeout, socket_connect_timeout=timeout,
                 protocol=2,  # RESP3 buys nothing here, and redis-py parses RESP2 faster without hiredis

@@ -427,7 +427,9 @@ def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
     assert len(lines) == 1 and "KEYGATE_RATELIMIT_FAIL_OPEN" in lines[0]
 
 
-@pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999"])
+@pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999",
+                                 "redis://127.0.0.1:6379/zero", "redis+unix://", "redis://h\tx:6379",
+                                 "redis://127.0.0.1/0?socket_timeout=soon"])
 def test_serve_refuses_a_bad_storage_url_in_one_line(env, url):
     """Caught before gunicorn starts, not as a traceback in every worker that boots."""
     assert run_cli(env, "init", "--no-admin-key").returncode == 0
@@ -837,7 +839,9 @@ def test_two_servers_on_one_redis_share_the_limit(env, start_server, tmp_path, r
 @pytest.mark.slow
 def test_a_server_whose_limit_store_is_down_says_so(env, start_server):
     admin = cli_json(env, "init")["admin_key"]
-    server = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": UNREACHABLE_REDIS})
+    password = "never-logged-" + uuid.uuid4().hex
+    unreachable = f"redis://:{password}@127.0.0.1:1/0"
+    server = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": unreachable})
     resp = server.get("/admin", headers={"API-Key": admin["key"]})
     assert resp.status_code == 503
     assert resp.headers["Content-Type"].startswith("application/problem+json")
@@ -847,3 +851,4 @@ def test_a_server_whose_limit_store_is_down_says_so(env, start_server):
     assert "rate-limit store unavailable" in output
     assert "KEYGATE_RATELIMIT_FAIL_OPEN" in output
     assert "Traceback" not in output
+    assert password not in output and password not in resp.text
