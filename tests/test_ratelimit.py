@@ -215,7 +215,9 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     assert sum(out) == PROCESS_LIMIT.amount
-    assert min(out) > 0  # every process got some: they really did compete
+    # They really did compete (on a loaded machine one may be scheduled only once the
+    # others have spent the quota, so not necessarily all four).
+    assert sum(n > 0 for n in out) >= 2, list(out)
     # The parent sees the same exhausted key.
     again = SharedMemoryLimiter(path)
     assert not again.hit("sharedkey001", PROCESS_LIMIT).allowed
