@@ -32,7 +32,7 @@ from keys.tokens import TokenSigner, mint_token
 from keys.scopes import ADMIN, ALL_SCOPES
 from keys.store import KeyStore
 
-from .config import load_settings
+from .config import load_serve_settings, load_settings
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -278,7 +278,7 @@ def _check_port_free(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        fail(f"--host {host!r}: {e.strerror}", 2)
+        fail(f"host {host!r}: {e.strerror}", 2)
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -289,19 +289,31 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
-def serve(host: str, port: int, workers: int) -> None:
-    """Run the production server (gunicorn)."""
+@click.option("--host", help="Address to listen on.  [default: KEYGATE_HOST, else 127.0.0.1]")
+@click.option("--port", type=click.IntRange(1, 65535),
+              help="Port to listen on.  [default: KEYGATE_PORT, else PORT, else 5000]")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Worker processes.  [default: KEYGATE_WORKERS, else one per core]")
+@click.option("--certfile", metavar="PEM", help="Serve HTTPS with this certificate (chain), and --keyfile.  "
+              "[default: KEYGATE_TLS_CERT]")
+@click.option("--keyfile", metavar="PEM", help="The certificate's private key.  [default: KEYGATE_TLS_KEY]")
+def serve(host: str | None, port: int | None, workers: int | None, certfile: str | None,
+          keyfile: str | None) -> None:
+    """Run the production server (granian)."""
+    where = load_serve_settings(host=host, port=port, workers=workers, certfile=certfile, keyfile=keyfile)
     _store().close()  # fail here, in one line, rather than in every worker
     settings = load_settings()
     try:  # the limit store's URL too (a bad port, say): limits only parses it when opened
         open_limiter(settings.ratelimit_storage_url, settings.instance_path).close()
     except OSError as e:
         fail(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}")
-    _check_port_free(host, port)
+    _check_port_free(where.host, where.port)
+    from .server import ServeOptions
     from .server import serve as run
 
-    click.echo(f"keygate serving on http://{host}:{port} (Swagger UI at /docs)", err=True)
-    run(host, port, workers)
+    scheme = "https" if where.certfile else "http"
+    shown = f"[{where.host}]" if ":" in where.host else where.host
+    click.echo(f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
+               f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)", err=True)
+    run(ServeOptions(host=where.host, port=where.port, workers=where.workers,
+                     certfile=where.certfile, keyfile=where.keyfile))

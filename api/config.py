@@ -92,6 +92,83 @@ def _storage_url(raw: str | None) -> str | None:
     return raw
 
 
+@dataclass(frozen=True)
+class ServeSettings:
+    """Where and how wide ``serve`` listens: its options, else the environment, else defaults."""
+
+    host: str
+    port: int
+    workers: int
+    certfile: Path | None
+    keyfile: Path | None
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (a container's share, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _whole_number(raw: str, name: str, low: int, high: int, what: str) -> int:
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise ConfigError(f"{name} must be {what} ({low}-{high}), not {raw[:20]!r}")
+    return int(raw)
+
+
+def _pem_files(certfile: str | None, keyfile: str | None, names: tuple[str, str]) -> tuple[Path | None, Path | None]:
+    """Both or neither; readable; a certificate and the key that goes with it."""
+    if not certfile and not keyfile:
+        return None, None
+    if not certfile or not keyfile:
+        missing = names[0] if not certfile else names[1]
+        raise ConfigError(f"{missing} is needed too: HTTPS takes a certificate and its key")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as e:
+        which = names[0] if e.filename == certfile else names[1]
+        raise ConfigError(f"{which}: no such file {e.filename!r}") from None
+    except PermissionError as e:
+        raise ConfigError(f"{names[0]}/{names[1]}: cannot read {e.filename!r}") from None
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"{names[0]}/{names[1]}: not a PEM certificate and matching private key ({e.reason or e})"
+        ) from None
+    return Path(certfile), Path(keyfile)
+
+
+def load_serve_settings(
+    *, host: str | None = None, port: int | None = None, workers: int | None = None,
+    certfile: str | None = None, keyfile: str | None = None,
+) -> ServeSettings:
+    """``serve``'s options win, then ``KEYGATE_*`` (``PORT`` after ``KEYGATE_PORT``, as
+    platforms that assign a port set it), then 127.0.0.1:5000 and a worker per core."""
+    load_dotenv(ROOT / ".env", override=False)
+    env = os.environ
+    if port is None:
+        for name in ("KEYGATE_PORT", "PORT"):
+            if env.get(name):
+                port = _whole_number(env[name], name, 1, 65535, "a port number")
+                break
+    if workers is None and env.get("KEYGATE_WORKERS"):
+        workers = _whole_number(env["KEYGATE_WORKERS"], "KEYGATE_WORKERS", 1, 64, "a number of workers")
+    names = ("--certfile", "--keyfile") if certfile or keyfile else ("KEYGATE_TLS_CERT", "KEYGATE_TLS_KEY")
+    if not (certfile or keyfile):
+        certfile, keyfile = env.get("KEYGATE_TLS_CERT"), env.get("KEYGATE_TLS_KEY")
+    cert, key = _pem_files(certfile, keyfile, names)
+    return ServeSettings(
+        host=host or env.get("KEYGATE_HOST") or "127.0.0.1",
+        port=5000 if port is None else port,
+        workers=default_workers() if workers is None else workers,
+        certfile=cert,
+        keyfile=key,
+    )
+
+
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """Settings from ``overrides`` (keys without the prefix), then the environment, then defaults."""
     load_dotenv(ROOT / ".env", override=False)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 
 import yaml
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 
 from keys.exc import NotFound
 
@@ -37,12 +38,21 @@ def load_document(path: Path = OPENAPI_PATH) -> str | None:
         return None
 
 
+def package_version() -> str:
+    """keygate's version (pyproject.toml's, as installed): the ``info.version`` of openapi.yaml
+    and of Flask-RESTX's own document, so a client can tell which contract it talks to."""
+    try:
+        return metadata.version("keygate")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
 def register(app: Flask, path: Path = OPENAPI_PATH) -> None:
     body = load_document(path)
 
     def openapi_json() -> Response:
         if body is None:
             raise NotFound(f"{path.name} is not installed with this copy of keygate")
-        return Response(body, mimetype="application/json")
+        return current_app.response_class(body, mimetype="application/json")
 
     app.add_url_rule("/openapi.json", "openapi", openapi_json, methods=["GET"])

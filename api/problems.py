@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from flask import Flask, Response, request, url_for
-from flask_restx import Api
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 from keys.exc import (
@@ -41,7 +40,7 @@ def problem(status: int, code: str, title: str, detail: str) -> Response:
         "code": code,
         "instance": request.path,
     }
-    return Response(json.dumps(body), status=status, mimetype="application/problem+json")
+    return current_app.response_class(json.dumps(body), status=status, mimetype="application/problem+json")
 
 
 def _from_http_exception(e: HTTPException) -> KeygateError | None:
@@ -79,27 +78,6 @@ def problem_response(e: BaseException) -> Response:
     resp.headers.update(e.headers())
     resp.headers.update(extra)
     return resp
-
-
-class ProblemApi(Api):
-    """Flask-RESTX ``Api`` whose errors are problem+json like the rest of the app.
-
-    ``docs_spec_endpoint`` names the Flask endpoint whose document the Swagger UI at
-    ``doc`` shows, instead of Flask-RESTX's own Swagger 2.0 ``/swagger.json``.
-    """
-
-    def __init__(self, *args: object, docs_spec_endpoint: str | None = None, **kwargs: object) -> None:
-        self.docs_spec_endpoint = docs_spec_endpoint
-        super().__init__(*args, **kwargs)
-
-    @property
-    def specs_url(self) -> str:  # read by RESTX's swagger-ui.html template
-        if self.docs_spec_endpoint is None:
-            return super().specs_url
-        return url_for(self.docs_spec_endpoint)  # relative: right behind any proxy or host name
-
-    def handle_error(self, e: Exception) -> Response:  # noqa: D102 (see class docstring)
-        return problem_response(e)
 
 
 def register_problem_handlers(app: Flask) -> None:

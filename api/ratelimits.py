@@ -7,7 +7,7 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, request
 
 from keys import KeyAuth
 from keys.exc import RateLimited
@@ -17,6 +17,8 @@ from keys.ratelimit import Limiter, LimitState, RateLimitUnavailable
 from keys.usage import UsageRecorder
 
 log = logging.getLogger("keygate.ratelimit")
+#: Where a request's ``LimitState`` is kept (the WSGI environ: the response reads it there).
+ENVIRON_KEY = "keygate.rate_limit"
 
 
 class RateLimits:
@@ -31,7 +33,6 @@ class RateLimits:
         self._last_outage_log = 0.0
         auth.after_authentication(self._on_request)
         app.response_class = type("Response", (RateLimitHeaders, app.response_class), {})
-        app.after_request(self._headers)
         app.extensions["keygate.ratelimits"] = self
 
     @staticmethod
@@ -52,7 +53,7 @@ class RateLimits:
                 raise
             self.usage.hit(principal.key_id)
             return
-        g.rate_limit = state
+        request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
             raise RateLimited(
                 f"this key allows {state.limit}; retry in {state.retry_after} s",
@@ -68,32 +69,20 @@ class RateLimits:
                 else "refusing requests with 503 (set KEYGATE_RATELIMIT_FAIL_OPEN=1 to let them through)"
             log.error("rate-limit store unavailable (%s); %s", e.__cause__ or e, action)
 
-    @staticmethod
-    def _headers(resp: Response) -> Response:
-        state = g.get("rate_limit")
-        if state is not None:
-            if isinstance(resp, RateLimitHeaders):
-                resp.rate_limit = state  # written as the response is sent
-            else:  # a response built from another class (flask.Response, a problem)
-                resp.headers.extend(header_items(state))
-        return resp
-
-
 class RateLimitHeaders:
-    """Response mixin: the rate-limit headers of ``rate_limit``, appended to the WSGI
-    header list as the response is sent.
+    """Response mixin: the rate-limit headers of the request's hit (every response to a
+    limited key, whatever built it), appended to the WSGI header list as it is sent.
 
     ``resp.headers[...] = …`` checks every value for line breaks and rewrites the
     list (4 µs for five headers, per request); these values are numbers keygate
     formats itself, so they are appended as they are (0.6 µs).
     """
 
-    rate_limit: LimitState | None = None
-
     def get_wsgi_response(self, environ: dict[str, Any]) -> tuple[Any, str, list[tuple[str, str]]]:
         app_iter, status, headers = super().get_wsgi_response(environ)  # type: ignore[misc]
-        if self.rate_limit is not None:
-            headers.extend(header_items(self.rate_limit))
+        state = environ.get(ENVIRON_KEY)
+        if state is not None:
+            headers.extend(header_items(state))
         return app_iter, status, headers
 
 

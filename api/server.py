@@ -1,88 +1,146 @@
-"""``manage.py serve``: gunicorn, with an access log that never records a credential."""
+"""``manage.py serve``: keygate on granian, a Rust HTTP server with a WSGI interface.
+
+Chosen by measurement (``bench/bench_http.py``, ``bench/README.md``): gunicorn's sync
+workers close every connection and block a worker on every idle or slow client;
+granian keeps connections alive and holds idle and slow ones in its Rust event loop,
+so a client costs a worker only while its request runs. Each worker process builds the
+app itself (no preload: every worker opens its own store connections) and runs it on a
+few Python threads.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger
+from keys.redact import redact
 
-from keys.redact import REDACTED, redact, redact_query
+from .accesslog import AccessLog, WSGIApp
 
-_SECRET_HEADERS = {"{api-key}i", "{authorization}i", "{cookie}i"}
+#: Python threads per worker running requests. Enough that one request waiting on a
+#: slow backend (up to its 1-2 s timeout) doesn't stall the worker; few enough that the
+#: GIL isn't fought over (measured in bench/README.md).
+THREADS = 4
+#: Requests a worker takes on at once; more wait in the kernel's accept queue.
+BACKPRESSURE = 64
+#: Request line plus headers, bytes; beyond it, 431 from the server. An 8 KB API-Key
+#: header still reaches the app (and gets its 401).
+MAX_HEADER_BYTES = 32 * 1024
+#: A client must send a whole request head within this many ms (slowloris), and an idle
+#: keep-alive connection is closed after it.
+HEADER_TIMEOUT_MS = 10_000
+#: Seconds a worker gets to finish its requests and write its usage counters on shutdown.
+SHUTDOWN_GRACE = 15
+#: Environment variables scrubbed from each worker once the app has read them: granian
+#: copies the process environment into every request's WSGI environ.
+_SECRET_ENV_PREFIX = "KEYGATE_"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1
+    threads: int = THREADS
+    certfile: Path | None = None
+    keyfile: Path | None = None
 
 
 class _RedactFilter(logging.Filter):
-    """Scrubs gunicorn's error-log messages, which quote request lines and URIs."""
+    """Scrubs the server's own messages too, in case one ever quotes a request."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact(record.getMessage()), None
+        if record.args or "kg_" in str(record.msg) or "=" in str(record.msg):
+            record.msg, record.args = redact(record.getMessage()), None
         return True
 
 
-class RedactingLogger(Logger):
-    """gunicorn's logger with tokens and keys scrubbed from every access-log atom
-    and every error-log message."""
-
-    def setup(self, cfg: Any) -> None:
-        super().setup(cfg)
-        if not any(isinstance(f, _RedactFilter) for f in self.error_log.filters):
-            self.error_log.addFilter(_RedactFilter())
-
-    def atoms(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> dict[str, Any]:
-        atoms = super().atoms(resp, req, environ, request_time)
-        atoms["r"] = redact(atoms["r"])
-        atoms["q"] = redact_query(atoms["q"] or "")
-        atoms["f"] = redact(atoms["f"])
-        atoms["{referer}i"] = atoms["f"]
-        for name in _SECRET_HEADERS & atoms.keys():
-            atoms[name] = REDACTED
-        for name in [k for k in atoms if k.endswith("}e")]:
-            del atoms[name]  # environ copies of the above
-        return atoms
-
-
-class KeygateServer(BaseApplication):
-    """Runs ``api:create_app()`` in gunicorn worker processes (no preload: each
-    worker opens its own store connections)."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        from api import create_app
-
-        return create_app()
+def logging_config() -> dict[str, Any]:
+    """One ``dictConfig`` for the server's processes: errors and notices with a time and a
+    level on stderr, the access log (``keygate.access``) on stdout."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": _RedactFilter}},
+        "formatters": {
+            "generic": {"format": "%(asctime)s [%(levelname)s] %(name)s: %(message)s"},
+            "access": {"format": "%(message)s"},
+        },
+        "handlers": {
+            "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                        "formatter": "generic", "filters": ["redact"]},
+            "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                       "formatter": "access"},
+        },
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+            "keygate": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            "keygate.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+        "root": {"handlers": ["console"], "level": "WARNING"},
+    }
 
 
-def _flush_on_exit(_server: Any, worker: Any) -> None:
-    """Write the worker's batched usage counters before it exits (clean shutdown)."""
-    app = getattr(worker, "wsgi", None)
-    usage = getattr(app, "extensions", {}).get("keygate.usage")
-    if usage is not None:
-        usage.close()
+def _import(target: str) -> Any:
+    module, _, name = target.partition(":")
+    obj: Any = __import__(module, fromlist=["_"])
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
-def serve(host: str, port: int, workers: int) -> None:
-    KeygateServer(
-        {
-            "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-            "workers": workers,
-            "worker_class": "sync",
-            "accesslog": "-",
-            "logger_class": RedactingLogger,
-            # An 8 KB header must reach the app (and get a 401), not gunicorn's bare 400.
-            "limit_request_field_size": 16384,
-            "graceful_timeout": 10,
-            "proc_name": "keygate",
-            "worker_exit": _flush_on_exit,
-            # gunicorn's control socket is one per user (~/.gunicorn); two servers would clash.
-            "control_socket_disable": True,
-        }
-    ).run()
+def load_worker_app(target: str) -> WSGIApp:
+    """Run in each worker: build the app from its factory, arrange for it to be closed when
+    the worker exits, and wrap it in the access log."""
+    # The logging HOWTO's optimisations: no caller, thread or process lookups per record
+    # (the formats above use none of them); the access log writes one record a request.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    app = _import(target)()
+    close = getattr(app, "extensions", {}).get("keygate.close")
+    if close is not None:
+        # granian's workers are multiprocessing processes, which end with os._exit(), past
+        # atexit; multiprocessing's own finalizers still run once the worker has drained.
+        multiprocessing.util.Finalize(None, close, exitpriority=10)
+    for name in [n for n in os.environ if n.startswith(_SECRET_ENV_PREFIX)]:
+        del os.environ[name]
+    return AccessLog(app)
+
+
+def serve(options: ServeOptions, target: str = "api:create_app") -> None:
+    """Serve the app that the factory ``target`` (``module:function``) builds, until SIGTERM
+    or SIGINT; then every worker finishes its requests and closes its app."""
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, SSLProtocols
+    from granian.http import HTTP1Settings, HTTP2Settings
+
+    server = Granian(
+        target,
+        address=options.host,
+        port=options.port,
+        interface=Interfaces.WSGI,
+        workers=options.workers,
+        blocking_threads=options.threads,
+        blocking_threads_idle_timeout=600,
+        backpressure=BACKPRESSURE,
+        http=HTTPModes.auto,
+        http1_settings=HTTP1Settings(header_read_timeout=HEADER_TIMEOUT_MS, keep_alive=True,
+                                     max_buffer_size=MAX_HEADER_BYTES),
+        http2_settings=HTTP2Settings(max_headers_size=MAX_HEADER_BYTES, max_concurrent_streams=100),
+        websockets=False,
+        log_dictconfig=logging_config(),
+        log_access=False,  # keygate's AccessLog writes it, redacted
+        ssl_cert=options.certfile,
+        ssl_key=options.keyfile,
+        ssl_protocol_min=SSLProtocols.tls12,
+        respawn_failed_workers=True,
+        workers_kill_timeout=SHUTDOWN_GRACE,
+    )
+    server.serve(target_loader=load_worker_app)

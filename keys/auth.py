@@ -27,6 +27,8 @@ from .tokens import TokenSigner
 from .verify import KeyLookup, check_ip, verify_key
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: The WSGI environ key under which an authenticated request's ``Principal`` is also kept.
+PRINCIPAL_ENVIRON_KEY = "keygate.principal"
 
 
 class CredentialSource(ABC):
@@ -135,6 +137,7 @@ class KeyAuth:
         if principal.record.allowed_ips:
             check_ip(principal.record, req.remote_addr)
         g.principal = principal
+        req.environ[PRINCIPAL_ENVIRON_KEY] = principal  # for WSGI-level readers (responses, logs)
         if source.kind not in accept:
             needs = "" if scope is None else f"; it needs the {scope!r} scope"
             via = " or ".join(s.description for s in self.sources if s.kind in accept)

@@ -30,6 +30,7 @@ import re
 import struct
 import threading
 import time
+import weakref
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -113,7 +114,7 @@ def limit_state(allowed: bool, ahead: float, limit: RateLimit, interval: float) 
 
 # -- embedded: GCRA cells in shared memory ---------------------------------------------
 
-_MAGIC = b"KGRL0001"
+_MAGIC = b"KGRL0002"  # 0002: the slot count follows in the header (0001 had none)
 _HEADER = 64
 _SLOT = struct.Struct("<16sd")  # cell name (NUL-padded), theoretical arrival time
 _PROBES = 16
@@ -132,23 +133,33 @@ class SharedMemoryLimiter(Limiter):
     def __init__(self, path: str | os.PathLike[str], slots: int = 1 << 16) -> None:
         self.path = Path(path)
         self.slots = slots
-        size = _HEADER + slots * _SLOT.size
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._size = _HEADER + slots * _SLOT.size
+        self._header = _MAGIC + struct.pack("<Q", slots)  # the layout, checked on open
+        self._fd = _open_table(self.path, self._size, self._header)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_size != size or os.pread(fd, 8, 0) != _MAGIC:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, size)
-                os.pwrite(fd, _MAGIC, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            self._map = mmap.mmap(fd, size)
+            self._map = mmap.mmap(self._fd, self._size)
         except OSError:
-            os.close(fd)
+            os.close(self._fd)
             raise
-        self._fd = fd
         self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
         self._memos: dict[str, dict[str, list]] = {}
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
+
+    def _after_fork(self) -> None:
+        """A forked child opens the table again: ``flock`` locks belong to the open file
+        description, which parent and child would otherwise share, and then exclude nobody."""
+        self._thread_lock = threading.Lock()  # possibly held by a parent thread at the fork
+        if self._map.closed:
+            return
+        inherited = self._fd
+        try:
+            self._fd = _open_table(self.path, self._size, self._header)
+            if os.fstat(self._fd).st_ino != os.fstat(inherited).st_ino:  # replaced meanwhile
+                self._map.close()
+                self._map = mmap.mmap(self._fd, self._size)
+        finally:
+            os.close(inherited)
 
     def hit(self, name: str, limit: RateLimit, now: float | None = None,
             namespace: str = KEY_NAMESPACE) -> LimitState:
@@ -207,8 +218,43 @@ class SharedMemoryLimiter(Limiter):
         return victim, 0.0
 
     def close(self) -> None:
-        self._map.close()
-        os.close(self._fd)
+        if not self._map.closed:
+            self._map.close()
+            os.close(self._fd)
+
+
+def _open_table(path: Path, size: int, header: bytes) -> int:
+    """A descriptor of the table at ``path`` with this layout, creating it if need be.
+
+    A missing, damaged or differently laid-out file is replaced by a fresh one renamed
+    into place, never truncated: another process may have the old one mapped, and a
+    mapping past the end of a shrunk file is SIGBUS. ``<path>.lock`` serialises the
+    replacement, so processes starting together agree on one table.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = -1
+        if fd >= 0:
+            if os.fstat(fd).st_size == size and os.pread(fd, len(header), 0) == header:
+                return fd
+            os.close(fd)
+        fresh = path.with_name(f".{path.name}.{os.getpid()}.new")
+        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.pwrite(fd, header, 0)
+            os.replace(fresh, path)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    finally:
+        os.close(lock)  # releases the flock
 
 
 # -- one process's memory ----------------------------------------------------------------
@@ -249,7 +295,9 @@ def open_limiter(storage_url: str | None, instance_path: str | os.PathLike[str],
     """``None`` → the embedded shared-memory limiter for this host; ``memory://`` → this
     process's memory; ``redis://…`` → Redis, every key under ``prefix``."""
     if storage_url is None:
-        return SharedMemoryLimiter(Path(instance_path) / "ratelimits.mmap")
+        # The layout is in the name: a keygate with another layout (an upgrade running
+        # beside the old one) uses its own table instead of replacing one in use.
+        return SharedMemoryLimiter(Path(instance_path) / f"ratelimits-{_MAGIC.decode()[4:]}.mmap")
     scheme = storage_url.split("://", 1)[0] if "://" in storage_url else ""
     if scheme == "memory":
         return MemoryLimiter()

@@ -220,7 +220,7 @@ def wait_for_workers(server: Server, n: int, timeout: float = 30) -> list[int]:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                if ppid == server.proc.pid and "ratelimits.mmap" in Path(f"/proc/{pid}/maps").read_text():
+                if ppid == server.proc.pid and "/ratelimits-" in Path(f"/proc/{pid}/maps").read_text():
                     loaded.append(int(pid))
             except (OSError, ValueError, IndexError):
                 continue

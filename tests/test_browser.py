@@ -1,6 +1,7 @@
 """The Swagger UI at /docs, in a real browser: headless Debian chromium driven by playwright,
 against a real server. Authorize with a key, execute GET /secret, read the answer on the page;
-without a key, read the 401 problem. A failing test leaves a screenshot (and the page's HTML)
+without a key, read the 401 problem; expand its 401 and 403 responses and read one correct
+example per error code. A failing test leaves a screenshot (and the page's HTML)
 in its tmp dir.
 
 Chromium comes from Debian (``apt-get install chromium``; .ci/run does it), never from
@@ -138,6 +139,38 @@ def test_without_a_key_the_page_shows_the_401_problem(page: Any, server) -> None
         assert body["status"] == 401 and body["instance"] == "/secret"
         shown = page.locator("#operations-pages-getSecret .live-responses-table").inner_text()
         assert 'www-authenticate: ApiKey realm="keygate"' in shown, shown
+
+
+def test_the_docs_show_a_correct_example_for_each_error_code(page: Any, server) -> None:  # noqa: ANN001
+    """GET /secret's 401 and 403, expanded: Swagger UI offers one example per code the contract
+    gives that status, and each shows that code, with the type and title the server sends."""
+    from playwright.sync_api import expect
+
+    from keys.exc import error_for_code
+
+    contract = {
+        "401": {"missing_credentials", "invalid_credentials", "key_revoked", "key_expired",
+                "invalid_token", "token_expired"},
+        "403": {"insufficient_scope", "ip_not_allowed"},
+    }
+    with evidence_on_failure(page, server):
+        open_docs(page, server.url)
+        page.locator("#operations-tag-pages").click()
+        op = page.locator("#operations-pages-getSecret")
+        op.locator(".opblock-summary").click()
+        for status, codes in contract.items():
+            row = op.locator(f"tr.response[data-code='{status}']")
+            choice = row.locator("select.examples-select-element")
+            offered = choice.locator("option").evaluate_all("options => options.map(o => o.value)")
+            assert sorted(offered) == sorted(codes), (status, offered)
+            shown_example = row.locator(".model-example pre").first
+            for code in offered:
+                choice.select_option(code)
+                expect(shown_example).to_contain_text(f'"code": "{code}"')
+                shown = json.loads(shown_example.inner_text())
+                assert shown["type"] == f"tag:keygate,2026:problem/{code}", shown
+                assert shown["title"] == error_for_code(code).title, shown
+                assert shown["status"] == int(status), shown
 
 
 def test_evidence_is_saved_on_failure(browser: Any, tmp_path: Path) -> None:

@@ -1,6 +1,11 @@
 """openapi.yaml is the contract: valid OpenAPI 3.0.3, in step with the routes the app serves,
 naming every error code the code can emit, served at /openapi.json and shown by the Swagger UI
-at /docs, and describing what the real app answers (statuses, content types, bodies, headers) for one request of every kind."""
+at /docs, and describing what the real app answers (statuses, content types, bodies, headers) for one request of every kind.
+
+Every error response is the one ``Problem`` schema (so generated clients have one problem
+class); the codes it can carry are its examples, one per code, and every example is compared with
+what the app really answers in that case (``type``, ``title``, ``status``, ``code``). The
+document's ``info.version`` is the package version."""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ import json
 import re
 import secrets
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,8 @@ from referencing.jsonschema import DRAFT4
 
 import keys
 from api import create_app
-from keys.exc import KeygateError, StoreUnavailable
+from api.problems import PROBLEM_TYPE_BASE
+from keys.exc import KeygateError, StoreUnavailable, error_for_code
 from keys.ratelimit import RateLimitUnavailable  # also puts it among KeygateError's subclasses
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,21 +64,22 @@ def _resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def _code_enum(spec: dict[str, Any], response: dict[str, Any]) -> tuple[int, set[str]] | None:
-    """(status, codes) a problem+json response allows: Problem narrowed by allOf."""
+def problem_examples(spec: dict[str, Any], response: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """code -> example body, for a problem+json response: its named examples, one per code."""
     media = _resolve(spec, response).get("content", {}).get("application/problem+json")
     if media is None:
+        return {}
+    return {name: _resolve(spec, example)["value"] for name, example in media.get("examples", {}).items()}
+
+
+def _problem_codes(spec: dict[str, Any], response: dict[str, Any]) -> tuple[int, set[str]] | None:
+    """(status, codes) a problem+json response can carry, as its examples say."""
+    examples = problem_examples(spec, response)
+    if not examples:
         return None
-    schema = media["schema"]
-    status, codes = None, None
-    for part in schema.get("allOf", [schema]):  # allOf: a code must satisfy every part
-        props = _resolve(spec, part).get("properties", {})
-        if "status" in props:  # OpenAPI 3.0 has no `const`: a one-value enum
-            status = props["status"].get("enum", [status])[0]
-        if "code" in props:
-            enum = set(_resolve(spec, props["code"]).get("enum", []))
-            codes = enum if codes is None else codes & enum
-    return status, codes or set()
+    statuses = {example["status"] for example in examples.values()}
+    assert len(statuses) == 1, f"one response, one status: {statuses}"
+    return statuses.pop(), set(examples)
 
 
 def _error_classes() -> list[type[KeygateError]]:
@@ -111,7 +120,7 @@ def test_every_error_code_is_in_the_document(spec: dict[str, Any]) -> None:
     responses = [r for _, _, op in _operations(spec) for r in op["responses"].values()]
     responses += spec["components"]["responses"].values()
     for response in responses:
-        found = _code_enum(spec, response)
+        found = _problem_codes(spec, response)
         if found:
             documented |= {(found[0], code) for code in found[1]}
     missing = {(status, code) for code, status in codes.items()} - documented
@@ -125,11 +134,43 @@ def test_every_error_response_is_problem_json(spec: dict[str, Any]) -> None:
             if int(status) >= 400:
                 response = _resolve(spec, response)
                 assert list(response["content"]) == ["application/problem+json"], (method, path, status)
-                assert _code_enum(spec, response)[0] == int(status), (method, path, status)
+                assert _problem_codes(spec, response)[0] == int(status), (method, path, status)
                 if status == "401":
                     assert response["headers"]["WWW-Authenticate"]["$ref"].endswith("/WWW-Authenticate")
                 if status == "429":
                     assert "Retry-After" in response["headers"]
+
+
+def test_every_error_response_is_the_one_problem_schema(spec: dict[str, Any]) -> None:
+    """Not narrowed per response (client generators would make a class per operation and
+    status): the shared Problem, with one correct example per code it can carry."""
+    validator = OAS30Validator(
+        {"$ref": "urn:keygate:openapi#/components/schemas/Problem"},
+        registry=Registry().with_resource(
+            "urn:keygate:openapi", Resource.from_contents(spec, default_specification=DRAFT4)),
+    )
+    responses = [(f"{method} {path} {status}", status, r) for path, method, op in _operations(spec)
+                 for status, r in op["responses"].items()]
+    responses += [(f"components {name}", None, r) for name, r in spec["components"]["responses"].items()]
+    checked = 0
+    for where, status, response in responses:
+        media = _resolve(spec, response).get("content", {}).get("application/problem+json")
+        if media is None:
+            assert status is None or int(status) < 400, where
+            continue
+        assert media["schema"] == {"$ref": "#/components/schemas/Problem"}, where
+        assert "example" not in media, f"{where}: one named example per code, not one for all"
+        examples = problem_examples(spec, response)
+        assert examples, f"{where}: no examples"
+        for code, body in examples.items():
+            errors = list(validator.iter_errors(body))
+            assert not errors, f"{where}: example {code}: {errors[0].message}"
+            assert body["code"] == code and body["type"] == PROBLEM_TYPE_BASE + code, (where, code)
+            assert status is None or body["status"] == int(status), (where, code)
+            assert f"`{code}`" in _resolve(spec, response)["description"], f"{where}: the description omits {code}"
+            assert body["title"] == error_for_code(code).title, (where, code)
+            checked += 1
+    assert checked > 100
 
 
 def test_authenticated_operations_document_every_refusal(spec: dict[str, Any]) -> None:
@@ -147,10 +188,10 @@ def test_authenticated_operations_document_every_refusal(spec: dict[str, Any]) -
             continue
         for status, codes in auth_errors.items():
             assert status in responses, (method, path, status)
-            assert _code_enum(spec, responses[status])[1] == codes, (method, path, status)
-        assert "multiple_credentials" in _code_enum(spec, responses["400"])[1], (method, path)
+            assert _problem_codes(spec, responses[status])[1] == codes, (method, path, status)
+        assert "multiple_credentials" in _problem_codes(spec, responses["400"])[1], (method, path)
         if op.get("parameters") or op.get("requestBody"):
-            assert "invalid_request" in _code_enum(spec, responses["400"])[1], (method, path)
+            assert "invalid_request" in _problem_codes(spec, responses["400"])[1], (method, path)
 
 
 # -- the document against the app ------------------------------------------------
@@ -237,6 +278,16 @@ def test_docs_authorize_offers_the_header_and_the_query_token(app, spec: dict[st
         "apiKey": ("apiKey", "header", "API-Key"), "token": ("apiKey", "query", "token")}
 
 
+def test_every_version_is_the_package_version(app, spec: dict[str, Any]) -> None:  # noqa: ANN001
+    """openapi.yaml, the installed package and RESTX's own document say pyproject.toml's version,
+    and CHANGELOG.md has an entry for it (see the README's "Versions")."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert spec["info"]["version"] == version
+    assert metadata.version("keygate") == version, "reinstall: pip install -e '.[test]'"
+    assert app.test_client().get("/swagger.json").get_json()["info"]["version"] == version
+    assert re.search(rf"^## {re.escape(version)}\b", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
+
+
 def test_openapi_json_serves_the_document(app, spec: dict[str, Any]) -> None:  # noqa: ANN001
     resp = app.test_client().get("/openapi.json")
     assert resp.status_code == 200
@@ -267,6 +318,8 @@ class Conformance:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
+        #: (response pointer, code) of every problem example a real answer was compared with.
+        self.matched: set[tuple[str, str]] = set()
         # OpenAPI 3.0 schemas are a JSON Schema draft 4/5 dialect (`nullable`, no type arrays).
         self.registry = Registry().with_resource(
             "urn:keygate:openapi", Resource.from_contents(spec, default_specification=DRAFT4)
@@ -307,14 +360,32 @@ class Conformance:
         assert resp.mimetype in content, f"{where}: content type {resp.mimetype} not in {list(content)}"
         if resp.mimetype.endswith("json"):
             media_pointer = f"{pointer}/content/{resp.mimetype.replace('/', '~1')}/schema"
-            errors = list(self._validator(media_pointer).iter_errors(json.loads(resp.get_data())))
+            body = json.loads(resp.get_data())
+            errors = list(self._validator(media_pointer).iter_errors(body))
             assert not errors, f"{where}: {errors[0].message} at {list(errors[0].absolute_path)}"
+            if resp.mimetype == "application/problem+json":
+                self._check_problem_example(where, pointer, response, body)
+            elif "message" in content[resp.mimetype].get("example", {}):  # the pages' fixed messages
+                assert body["message"] == content[resp.mimetype]["example"]["message"], where
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+    def _check_problem_example(self, where: str, pointer: str, response: dict[str, Any],
+                               body: dict[str, Any]) -> None:
+        """The code is one the response documents, and its example says what the server says."""
+        examples = problem_examples(self.spec, response)
+        assert body["code"] in examples, f"{where}: {body['code']} is not among {sorted(examples)}"
+        example = examples[body["code"]]
+        for member in ("type", "title", "status", "code"):
+            assert body[member] == example[member], (
+                f"{where}: the {body['code']} example's {member} is {example[member]!r}; "
+                f"the server sent {body[member]!r}")
+        self.matched.add((pointer, body["code"]))
 
 
 def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: dict[str, Any],  # noqa: ANN001
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    check = Conformance(spec).check
+    conformance = Conformance(spec)
+    check = conformance.check
     client = app.test_client()
     seen: set[tuple[str, str, int]] = set()
 
@@ -371,6 +442,8 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     # tokens
     call("post", "/tokens", headers=rh, expect=201)
     call("post", "/tokens", headers=rh, json={"ttl": -1}, expect=400, code="invalid_request")
+    call("post", "/tokens", url=f"/tokens?token={token['token']}", headers=rh, expect=400,
+         code="multiple_credentials")
     call("post", "/tokens", headers=rh, json={"scopes": ["admin"]}, expect=403, code="insufficient_scope")
 
     # key management
@@ -429,3 +502,18 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     check(resp, "post", None, shared="MethodNotAllowed")
     assert resp.status_code == 405
     assert resp.headers["Allow"]
+
+    # a bug: the shared 500 response
+    def bug(*_: Any, **__: Any) -> None:
+        raise RuntimeError("a bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "get", bug)
+        resp = client.get("/secret", headers=rh)
+    check(resp, "get", None, shared="InternalError")
+    assert resp.status_code == 500
+
+    # every error example in the document was compared with a real answer of its kind
+    examples = {(f"/components/responses/{name}", code) for name, response in spec["components"]["responses"].items()
+                for code in problem_examples(spec, response)}
+    assert examples - conformance.matched == set(), "error examples no request here produced"

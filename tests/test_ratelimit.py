@@ -193,7 +193,7 @@ PROCESS_LIMIT = RateLimit(20_000, "day")
 
 def _hammer(path: str, key: str, hits: int, start, out, index: int) -> None:  # noqa: ANN001
     lim = SharedMemoryLimiter(path)  # each process maps the file itself, as a worker does
-    start.wait()
+    start.wait(60)
     out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
     lim.close()
 
@@ -203,14 +203,13 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
     40,000 hits against 20,000/day give exactly 20,000 successes in total."""
     ctx = multiprocessing.get_context("fork")
     path, procs_n, hits = str(tmp_path / "ratelimits.mmap"), 4, 10_000
-    start = ctx.Event()
+    start = ctx.Barrier(procs_n + 1)  # released once every process has mapped the file
     out = ctx.Array("i", procs_n, lock=False)
     procs = [ctx.Process(target=_hammer, args=(path, "sharedkey001", hits, start, out, i))
              for i in range(procs_n)]
     for p in procs:
         p.start()
-    time.sleep(0.2)  # let them all map the file; correctness doesn't depend on it
-    start.set()
+    start.wait(60)
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
@@ -222,6 +221,73 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
     again = SharedMemoryLimiter(path)
     assert not again.hit("sharedkey001", PROCESS_LIMIT).allowed
     again.close()
+
+
+def _hammer_inherited(lim: SharedMemoryLimiter, key: str, hits: int, start, out, index: int) -> None:  # noqa: ANN001
+    start.wait(60)
+    out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
+
+
+def test_shared_memory_is_exact_in_workers_forked_after_it_was_opened(tmp_path):
+    """A server that opens the table and then forks its workers (a preloading server):
+    every child must lock on its own, or the ``flock`` they inherit excludes nobody and
+    the children count over each other."""
+    ctx = multiprocessing.get_context("fork")
+    lim = SharedMemoryLimiter(tmp_path / "ratelimits.mmap")
+    procs_n, hits = 4, 10_000
+    start = ctx.Barrier(procs_n + 1)
+    out = ctx.Array("i", procs_n, lock=False)
+    procs = [ctx.Process(target=_hammer_inherited, args=(lim, "forkedkey001", hits, start, out, i))
+             for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    start.wait(60)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sum(out) == PROCESS_LIMIT.amount
+    assert not lim.hit("forkedkey001", PROCESS_LIMIT).allowed  # the parent shares the table
+    lim.close()
+
+
+def _keep_hitting(path: str, slots: int, ready, stop, out) -> None:  # noqa: ANN001
+    lim = SharedMemoryLimiter(path, slots=slots)
+    limit = RateLimit(1_000_000, "day")
+    keys = [f"layoutkey{i:03d}" for i in range(200)]  # spread over the whole table
+    ready.set()
+    n = 0
+    while not stop.is_set():
+        n += sum(lim.hit(k, limit).allowed for k in keys)
+    out.value = n
+    lim.close()
+
+
+def test_another_layout_never_crashes_a_process_that_has_the_table_mapped(tmp_path):
+    """A process opening the same file with another layout (a keygate upgrade starting beside
+    the old one) must leave the running one alone: truncating a file that another process
+    has mapped kills that process with SIGBUS at its next hit."""
+    ctx = multiprocessing.get_context("fork")
+    path = str(tmp_path / "ratelimits.mmap")
+    ready, stop, out = ctx.Event(), ctx.Event(), ctx.Value("l", 0)
+    worker = ctx.Process(target=_keep_hitting, args=(path, 4096, ready, stop, out))
+    worker.start()
+    assert ready.wait(30)
+    newcomer = SharedMemoryLimiter(path, slots=16)  # a much smaller table at the same path
+    assert [newcomer.hit("newcomer0001", RateLimit(2, "day")).allowed for _ in range(3)] == [True, True, False]
+    time.sleep(0.3)  # the old worker keeps hitting its (now replaced) table meanwhile
+    stop.set()
+    worker.join(30)
+    assert worker.exitcode == 0, f"the running worker died (exit {worker.exitcode})"
+    assert out.value > 0
+    newcomer.close()
+
+
+def test_the_table_file_names_its_layout(tmp_path):
+    """open_limiter's file carries the layout version in its name, so two keygate versions
+    on one host never even compete for one file."""
+    lim = open_limiter(None, tmp_path)
+    assert lim.path.name == "ratelimits-0002.mmap"
+    lim.close()
 
 
 def test_shared_memory_survives_a_worker_restart(tmp_path):
@@ -344,7 +410,7 @@ def test_an_unreachable_redis_is_reported_not_crashed():
 def test_open_limiter_picks_the_backend(tmp_path):
     embedded = open_limiter(None, tmp_path / "inst")
     assert isinstance(embedded, SharedMemoryLimiter)
-    assert (tmp_path / "inst" / "ratelimits.mmap").exists()
+    assert list((tmp_path / "inst").glob("ratelimits-*.mmap"))
     embedded.close()
     assert isinstance(open_limiter("memory://", tmp_path), MemoryLimiter)
     for url in ["redis://127.0.0.1:6379/0", "rediss://cache.internal:6380", "redis+unix:///run/redis.sock"]:

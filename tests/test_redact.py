@@ -55,3 +55,20 @@ def test_redaction_time_grows_linearly_with_hostile_input(evil):
     started = time.perf_counter()
     redact(evil)
     assert time.perf_counter() - started < 2.0
+
+
+@pytest.mark.parametrize("name", ["%74oken", "tok%65n", "TOKEN", "%54%4F%4B%45%4E", "api%5Fkey", "Api-Key", "key"])
+def test_a_credential_parameter_is_redacted_however_its_name_is_encoded(token, name):
+    """werkzeug decodes ``%74oken`` to ``token``, so the server accepts it: the log must too."""
+    out = redact_query(f"{name}={token}&page=2")
+    assert out == f"{name}={REDACTED}&page=2"
+    assert redact(f"GET /data?{name}={token} HTTP/1.1") == f"GET /data?{name}={REDACTED} HTTP/1.1"
+
+
+def test_a_percent_encoded_key_or_token_is_redacted_under_any_name(token):
+    key = generate_key().plaintext
+    encoded_key = "%6B%67_" + key[3:]  # kg_…
+    encoded_token = token.replace(".", "%2E")
+    assert redact_query(f"next={encoded_key}&page=2") == f"next={REDACTED}&page=2"
+    assert redact_query(f"q={encoded_token}") == f"q={REDACTED}"
+    assert redact_query("page=2&sort=name") == "page=2&sort=name"

@@ -17,10 +17,12 @@ there every generated key id is unknown.
 Every response goes through Schemathesis's checks: no 5xx; status code, content type, body and
 headers as documented; schema-invalid input refused (``negative_data_rejection``); schema-valid
 input accepted (``positive_data_acceptance``); missing required headers and undocumented
-methods refused; authentication enforced where it is declared (``ignored_auth``). And two of
-ours: a secured operation never succeeds without a valid credential, and a refusal says what
-was wrong with the credential (``missing_credentials`` / ``invalid_credentials`` with the
-matching ``WWW-Authenticate`` challenge).
+methods refused; authentication enforced where it is declared (``ignored_auth``). And three of
+ours: a problem's ``code`` is one its response documents (every error response is the one
+``Problem`` schema, so its examples, one per code, say which); a secured operation never
+succeeds without a valid credential; and a refusal says what was wrong with the credential
+(``missing_credentials`` / ``invalid_credentials`` with the matching ``WWW-Authenticate``
+challenge).
 
 Judgement calls, made on purpose:
 
@@ -250,12 +252,45 @@ def refusal_names_the_credential_problem(ctx: Any, response: Any, case: Any) -> 
         assert challenge == 'ApiKey realm="keygate", error="invalid_token"', challenge
 
 
+SPEC = yaml.safe_load(SPEC_PATH.read_text())
+
+
+def _documented_codes(case: Any, status: int) -> set[str] | None:
+    """The codes the operation's response for ``status`` documents (its examples, one per code);
+    ``None`` when it documents no such status (Schemathesis's own status check judges that)."""
+    response = case.operation.definition.raw.get("responses", {}).get(str(status))
+    while response is not None and "$ref" in response:
+        target: Any = SPEC
+        for part in response["$ref"][2:].split("/"):
+            target = target[part]
+        response = target
+    if response is None or "application/problem+json" not in response.get("content", {}):
+        return None
+    return set(response["content"]["application/problem+json"].get("examples", {}))
+
+
+def problem_code_is_one_its_response_documents(ctx: Any, response: Any, case: Any) -> None:
+    """Every error response is the one Problem schema, so the schema no longer says which codes a
+    status carries: its examples do, and an answer outside them is undocumented."""
+    content_type = response.headers.get("content-type", [""])
+    content_type = content_type[0] if isinstance(content_type, list) else content_type
+    if not content_type.startswith("application/problem+json"):
+        return
+    if response.request.method != case.operation.method.upper():
+        return  # another method (405) or OPTIONS, tried by the coverage phase
+    codes = _documented_codes(case, response.status_code)
+    if codes is not None:
+        code = _problem(response)["code"]
+        assert code in codes, f"{case.operation.label} answered {response.status_code} {code}; documented: {sorted(codes)}"
+
+
 def _checks(case: Any, *extra: Callable[..., None]) -> dict[str, Any]:
     excluded = [use_after_free]
     if case.operation.definition.raw.get("operationId") in SEMANTIC_REFUSALS:
         excluded.append(positive_data_acceptance)
     return {"excluded_checks": excluded,
-            "additional_checks": [schema_valid_input_is_refused_only_for_documented_reasons, *extra]}
+            "additional_checks": [schema_valid_input_is_refused_only_for_documented_reasons,
+                                  problem_code_is_one_its_response_documents, *extra]}
 
 
 # -- the runs -----------------------------------------------------------------------

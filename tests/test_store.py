@@ -324,6 +324,53 @@ def _every_operation(store):  # noqa: ANN001, ANN202
     }
 
 
+@SQL_ONLY
+def test_many_serving_threads_never_starve_management_writes(store_url):
+    """Each serving thread holds a reader connection of its own (the hot path); sixteen of
+    them — more than either write pool holds (SQLite 5+10, PostgreSQL 2+4) — must leave
+    management writes their connections."""
+    from keys.store.sql import SqlKeyStore
+
+    store = SqlKeyStore(store_url, pool_timeout=2)  # an exhausted pool fails in 2 s, not 30
+    store.migrate()
+    issued = issue_key(store, name="many", scopes=["secret:read"])
+    holding, done = threading.Barrier(17), threading.Barrier(17)
+    seen: list[object] = []
+
+    def serve() -> None:
+        seen.append(store.get(issued.record.id))  # this thread's connection stays open…
+        holding.wait(30)
+        done.wait(30)  # …until the write below has been made
+
+    threads = [threading.Thread(target=serve) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        holding.wait(30)
+        written = issue_key(store, name="written while sixteen threads read", scopes=["data:read"])
+        assert store.get(written.record.id) is not None
+    finally:
+        done.wait(30)
+        for t in threads:
+            t.join(30)
+    assert seen == [store.get(issued.record.id)] * 16
+    store.close()
+
+
+@SQL_ONLY
+def test_an_exhausted_write_pool_is_unavailable_not_an_error(store_url):
+    """Every pooled connection busy (a burst of management calls): 503, never a 500."""
+    from keys.store.sql import SqlKeyStore
+
+    store = SqlKeyStore(store_url, pool_size=1, max_overflow=0, pool_timeout=0.5)
+    store.migrate()
+    with store.engine.connect():  # the pool's only connection, busy
+        with pytest.raises(StoreUnavailable):
+            issue_key(store, name="no connection left", scopes=["data:read"])
+    assert issue_key(store, name="free again", scopes=["data:read"]).record.name == "free again"
+    store.close()
+
+
 @pytest.mark.parametrize("operation", ["get", "list", "count", "revision", "schema_version", "migrate",
                                        "add", "revoke"])
 def test_postgres_on_a_closed_port_is_unavailable(operation):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, g, request
-from flask_restx import Namespace, Resource, fields
+from flask import Response, current_app, g, request
+from flask_restx import Namespace, fields
 
 from keys import KeyAuth, get_key, issue_key, revoke_key
 from keys.exc import InvalidRequest
@@ -15,6 +15,7 @@ from keys.scopes import ADMIN
 from keys.usage import UsageRecorder
 
 from ..bodies import int_arg, json_body, optional_string, seconds, string_list
+from ..restx import Resource
 
 ADMIN_ONLY = [{"apiKey": []}]
 
@@ -105,7 +106,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             """Revoke a key now; its query tokens die with it."""
             revoke_key(store, key_id, actor=_actor())
             _forget_cached_keys(auth)
-            return Response(status=204)
+            return current_app.response_class(status=204)
 
     @ns.route("/<string:key_id>/rotate")
     class Rotate(Resource):

@@ -1,4 +1,6 @@
-from flask_restx import Namespace, Resource
+from flask_restx import Namespace
+
+from ..restx import Resource
 
 ns = Namespace("health", path="/healthz", description="Liveness probe")
 

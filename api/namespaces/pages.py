@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from flask import g
-from flask_restx import Namespace, Resource, fields
+from flask_restx import Namespace, fields
 
 from keys import KeyAuth
 from keys.scopes import ADMIN, DATA_READ, SECRET_READ
+
+from ..restx import Resource
 
 HEADER_ONLY = [{"apiKey": []}]
 HEADER_OR_TOKEN = [{"apiKey": []}, {"token": []}]

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from flask import g
-from flask_restx import Namespace, Resource, fields
+from flask_restx import Namespace, fields
 
 from keys import KeyAuth
 from keys.model import isoformat
 from keys.tokens import TokenSigner, mint_token
 
 from ..bodies import json_body, string_list, whole_seconds
+from ..restx import Resource
 
 
 def namespace(auth: KeyAuth, signer: TokenSigner) -> Namespace:

@@ -103,11 +103,20 @@ def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
     return None if row is None else _row_to_record(row)
 
 
+# Failures that mean "the database can't serve this now": 503, never 500. A pool timeout
+# means every pooled connection is busy, which a client should also retry.
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+
+
+def _unavailable(e: Exception) -> StoreUnavailable:
+    cause = getattr(e, "orig", None) or e
+    return StoreUnavailable(f"the key store is unavailable: {cause}")
+
+
 class _ReaderState(threading.local):
     """Each thread's own hot-path connection and cursor."""
 
     conn: Any = None
-    fairy: Any = None
     cursor: Any = None
 
 
@@ -130,10 +139,17 @@ class SqlKeyStore(KeyStore):
                               "pool_recycle": 1800, **engine_options}
         try:
             self.engine = sa.create_engine(sa_url, **engine_options)
+            # Hot-path readers are held one per serving thread, outside the write pool, so
+            # any number of threads can read without starving management writes. (An
+            # in-memory SQLite database exists once per engine: it has to share.)
+            in_memory = self.backend == "sqlite" and sa_url.database in (None, "", ":memory:")
+            self._readers = self.engine if in_memory else sa.create_engine(sa_url, poolclass=sa.pool.NullPool)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
             raise ConfigError(f"KEYGATE_DATABASE_URL: unsupported database URL ({e})") from None
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
+            if self._readers is not self.engine:
+                _configure_sqlite(self._readers)
         self.url = sa_url.render_as_string(hide_password=True)
 
         stmt = sa.select(keys_table).where(keys_table.c.id == sa.bindparam("key_id"))
@@ -143,6 +159,8 @@ class SqlKeyStore(KeyStore):
         rev = sa.select(revision_table.c.revision).where(revision_table.c.id == 1)
         self._revision_sql = str(rev.compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
         self._local = _ReaderState()
+        self._open_readers: set[Any] = set()  # every thread's, so close() can close them all
+        self._readers_lock = threading.Lock()
         self._decoded: dict[str, tuple[Any, KeyRecord]] = {}
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -151,12 +169,15 @@ class SqlKeyStore(KeyStore):
     def _reader(self) -> Any:
         conn = self._local.conn
         if conn is None:
-            fairy = self.engine.raw_connection()
+            fairy = self._readers.raw_connection()
             conn = fairy.driver_connection
+            if self._readers is not self.engine:
+                fairy.detach()  # the thread owns it now; it closes when the thread's state goes
             if self.backend != "sqlite":
                 conn.autocommit = True  # each read sees the latest commit, holds no snapshot
-            self._local.fairy = fairy  # keeps the pool from reclaiming it
             self._local.conn = conn
+            with self._readers_lock:
+                self._open_readers.add(conn)
         return conn
 
     def _fetch_one(self, sql: str, params: Any) -> Any:
@@ -196,17 +217,21 @@ class SqlKeyStore(KeyStore):
         return 0 if row is None else int(row[0])
 
     def _drop_reader(self) -> None:
-        fairy = self._local.fairy
-        self._local.conn = self._local.fairy = self._local.cursor = None
-        if fairy is not None:
+        conn = self._local.conn
+        self._local.conn = self._local.cursor = None
+        if conn is not None:
+            with self._readers_lock:
+                self._open_readers.discard(conn)
             try:
-                fairy.invalidate()
+                conn.close()
             except Exception:
-                pass
+                pass  # already broken: that is why it is being dropped
 
     def _after_fork(self) -> None:
-        # A connection inherited from the parent must never be used by the child.
+        # A connection inherited from the parent must never be used (or closed) by the child.
         self._local = _ReaderState()
+        self._open_readers = set()
+        self._readers_lock = threading.Lock()
         self.engine.dispose(close=False)
 
     # -- management -------------------------------------------------------------
@@ -217,8 +242,8 @@ class SqlKeyStore(KeyStore):
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
-            raise StoreUnavailable(f"the key store is unavailable: {e.orig}") from None
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
@@ -226,8 +251,8 @@ class SqlKeyStore(KeyStore):
             with self.engine.connect() as conn:
                 conn.execution_options(keygate_read_only=True)
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
-            raise StoreUnavailable(f"the key store is unavailable: {e.orig}") from None
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -349,4 +374,13 @@ class SqlKeyStore(KeyStore):
 
     def close(self) -> None:
         self._drop_reader()
+        with self._readers_lock:
+            readers, self._open_readers = self._open_readers, set()
+        for conn in readers:
+            try:
+                conn.close()
+            except Exception:
+                pass
         self.engine.dispose()
+        if self._readers is not self.engine:
+            self._readers.dispose()
