@@ -66,8 +66,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def private_redis(workdir: Path) -> Iterator[str]:
-    """``redis-server`` on a free port of its own; yields its URL."""
+def private_redis(workdir: Path) -> Iterator[tuple[str, int]]:
+    """``redis-server`` on a free port of its own; yields its URL and process id."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
@@ -85,7 +85,7 @@ def private_redis(workdir: Path) -> Iterator[str]:
             except redis.ConnectionError:
                 time.sleep(0.05)
         client.close()
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -110,6 +110,25 @@ def commands_during(url: str, action: Callable[[], object]) -> Counter[str]:
     watcher.close()
     other.close()
     return seen
+
+
+def cpu_seconds(*roots: int) -> float:
+    """CPU time (user + system) of these processes and their children so far."""
+    pids = set(roots)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) in roots:
+                pids.add(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- (a) in process ------------------------------------------------------------------------
@@ -157,6 +176,8 @@ class Setup:
     proc: subprocess.Popen[bytes] | None = None
     rps: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    server_cpu: list[float] = field(default_factory=list)  # µs per request, the server's processes
+    redis_cpu: list[float] = field(default_factory=list)  # µs per request, redis-server's
 
 
 def manage(root: Path, env: dict[str, str], *args: str) -> str:
@@ -229,15 +250,23 @@ def stop_server(setup: Setup) -> None:
 
 
 _RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
+_TOTAL = re.compile(r"(\d+) requests in")
 
 
-def wrk(setup: Setup, seconds: float) -> float:
-    """req/s of ``wrk -t1 -c8`` on ``GET /secret`` with the setup's key; every answer a 200."""
+def wrk(setup: Setup, seconds: float, redis_pid: int = 0) -> float:
+    """req/s of ``wrk -t1 -c8`` on ``GET /secret`` with the setup's key; every answer a 200.
+    Records the CPU time per request of the server's processes and of redis-server."""
+    assert setup.proc is not None
+    server0, redis0 = cpu_seconds(setup.proc.pid), cpu_seconds(redis_pid) if redis_pid else 0.0
     result = subprocess.run(
         ["wrk", "-t1", "-c8", f"-d{seconds:g}s", "-H", f"API-Key: {setup.key}", setup.url + "/secret"],
         capture_output=True, text=True, timeout=seconds + 60)
     out = result.stdout
-    m = _RPS.search(out)
+    m, total = _RPS.search(out), _TOTAL.search(out)
+    if total and redis_pid:
+        n = int(total.group(1))
+        setup.server_cpu.append((cpu_seconds(setup.proc.pid) - server0) * 1e6 / n)
+        setup.redis_cpu.append((cpu_seconds(redis_pid) - redis0) * 1e6 / n)
     if result.returncode != 0 or m is None:
         raise SystemExit(f"{setup.label}: wrk failed: {result.stderr.strip() or out}")
     if "Non-2xx" in out or "Socket errors" in out:
@@ -310,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     with tempfile.TemporaryDirectory(prefix="kg-bench-limits-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        redis_url = stack.enter_context(private_redis(workdir))
+        redis_url, redis_pid = stack.enter_context(private_redis(workdir))
         info = redis.Redis.from_url(redis_url).info("server")
         print(f"private redis-server {info['redis_version']} at {redis_url}")
 
@@ -346,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = setups[r % len(setups):] + setups[:r % len(setups)]  # each goes first in turn
             for setup in order:
-                setup.rps.append(wrk(setup, args.duration))
+                setup.rps.append(wrk(setup, args.duration, redis_pid))
             for setup in setups:
                 setup.ratios.append(setup.rps[-1] / baseline.rps[-1])
             print(f"    round {r + 1}: " + ", ".join(f"{s.label} {s.rps[-1]:,.0f}" for s in setups), flush=True)
-        print(f"\n    {'setup':24}{'req/s (median)':>16}{'vs SQLite + embedded':>24}   target")
+        print(f"\n    {'setup':24}{'req/s':>8}{'÷ SQLite + embedded':>22}   {'target':15}"
+              f"{'CPU µs/request: server':>24}{'Redis':>7}{'CPU-bound':>11}")
+        base_cpu = statistics.median(baseline.server_cpu)
         for setup in setups:
             ratio = statistics.median(setup.ratios)
             verdict = ""
@@ -358,8 +389,15 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = f"≥ {TARGET_RATIO}×  {_verdict(ratio >= TARGET_RATIO)}"
                 ok &= ratio >= TARGET_RATIO
             spread = f"({min(setup.ratios):.2f}–{max(setup.ratios):.2f})" if setup is not baseline else ""
-            print(f"    {setup.label:24}{statistics.median(setup.rps):>16,.0f}{ratio:>12.2f}× {spread:>11}   {verdict}")
-        print("    (ratio: median over the rounds of req/s ÷ SQLite + embedded's req/s in the same round)")
+            server_cpu, redis_cpu = statistics.median(setup.server_cpu), statistics.median(setup.redis_cpu)
+            if setup.limiter == "embedded":
+                redis_cpu = 0.0  # nothing of its own there: what little shows is others' traffic
+            print(f"    {setup.label:24}{statistics.median(setup.rps):>8,.0f}{ratio:>9.2f}× {spread:>11}   "
+                  f"{verdict:15}{server_cpu:>24,.0f}{redis_cpu:>7,.0f}{base_cpu / (server_cpu + redis_cpu):>10.2f}×")
+        print("    ÷ SQLite + embedded: median over the rounds of req/s ÷ SQLite + embedded's req/s in the\n"
+              "    same round (min–max). CPU µs/request: medians, the server's processes and redis-server.\n"
+              "    CPU-bound: SQLite + embedded's server CPU ÷ this setup's server + Redis CPU, the ratio\n"
+              "    a machine of its own, busy with nothing else, would show (an estimate, not a target)")
 
         print("\n(c) Redis commands per authenticated request (MONITOR, 200 requests, fresh connections)")
         for setup in (s for s in setups if s.limiter == "redis" and s.root == ROOT):
