@@ -116,7 +116,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     auth.on_failure(lambda e: usage.failure(e.code))
     app.extensions["keygate.usage"] = usage
     try:
-        limiter = open_limiter(settings.ratelimit_storage_url, settings.instance_path)
+        limiter = open_limiter(settings.ratelimit_storage_url, settings.instance_path, settings.ratelimit_prefix)
     except OSError as e:
         raise ConfigError(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}") from None
     RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)

@@ -303,7 +303,7 @@ def serve(host: str | None, port: int | None, workers: int | None, certfile: str
     where = load_serve_settings(host=host, port=port, workers=workers, certfile=certfile, keyfile=keyfile)
     _store().close()  # fail here, in one line, rather than in every worker
     settings = load_settings()
-    try:  # the limit store's URL too (a bad port, say): limits only parses it when opened
+    try:  # the limit store's URL too (a bad port, say): it is only parsed when opened
         open_limiter(settings.ratelimit_storage_url, settings.instance_path).close()
     except OSError as e:
         fail(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}")

@@ -18,6 +18,7 @@ from dotenv import load_dotenv
 
 from keys.exc import ConfigError, InvalidRequest
 from keys.parse import parse_duration, parse_rate_limit
+from keys.ratelimit_redis import check_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "KEYGATE_"
@@ -36,6 +37,7 @@ class Settings:
     trusted_proxies: int
     instance_path: Path
     ratelimit_fail_open: bool = False
+    ratelimit_prefix: str = "keygate:"
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -195,6 +197,11 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     if fail_open_raw not in _BOOLEANS:
         raise ConfigError("KEYGATE_RATELIMIT_FAIL_OPEN must be 1/true/yes or 0/false/no")
 
+    try:
+        prefix = check_prefix(get("RATELIMIT_PREFIX") or "keygate:")
+    except ValueError as e:
+        raise ConfigError(f"KEYGATE_RATELIMIT_PREFIX: {e}") from None
+
     return Settings(
         database_url=database_url,
         secret_keys=_secret_keys(get("SECRET_KEY"), instance),
@@ -204,4 +211,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         trusted_proxies=int(proxies_raw),
         instance_path=instance,
         ratelimit_fail_open=_BOOLEANS[fail_open_raw],
+        ratelimit_prefix=prefix,
     )

@@ -1,16 +1,21 @@
-"""Per-key rate limits: exact, cheap, and shared by every worker that must share them.
+"""Per-key rate limits: one algorithm (GCRA), the same answers on every backend.
 
-Two backends behind one small interface:
+GCRA keeps one number per counter, the "theoretical arrival time" (TAT): a full
+burst of ``amount`` requests passes, then one per ``period/amount``. Each
+backend runs the same step (``gcra_step``: decide, and move the TAT if allowed)
+and derives the header values the same way (``limit_state``), so a client sees
+the same limits whether an operator runs one host or a fleet:
 
-* ``SharedMemoryLimiter`` — the embedded default. ``limits``' in-memory storage
-  is private to one process, so gunicorn with N workers would allow N times the
-  limit. This keeps one GCRA cell (a single float, the "theoretical arrival
-  time") per key in an ``mmap``-ed file that every worker of the host maps,
-  guarded by ``flock``. GCRA lets a full burst of ``amount`` through, then one
-  request per ``period/amount``; it is exact under concurrency and costs a few
-  microseconds (see ``bench/``).
-* ``LimitsLimiter`` — the ``limits`` library's moving window on any storage it
-  supports; ``redis://`` shares limits across hosts.
+* ``SharedMemoryLimiter`` — the embedded default: the cells live in an
+  ``mmap``-ed file that every worker of the host maps, guarded by ``flock``
+  (a process's own memory would let N workers allow N times the limit).
+* ``MemoryLimiter`` — ``memory://``: one process's memory, for tests and tools.
+* ``RedisLimiter`` (``keys/ratelimit_redis.py``) — ``redis://``: shared by
+  every host, the same step as a Lua script, one round trip per hit.
+
+A limiter counts named things in namespaces: ``"key"`` (an API key's id) is
+the per-key limit; another namespace (a client address, say) is a counter of
+another kind that never collides with a key's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -34,6 +40,9 @@ from .exc import ConfigError, StoreUnavailable
 from .parse import RateLimit
 
 log = logging.getLogger("keygate.ratelimit")
+
+KEY_NAMESPACE = "key"
+_NAMESPACE_RE = re.compile(r"[a-z][a-z0-9_-]{0,15}")  # fits blake2b's 16-byte personalisation
 
 
 class LimitState(NamedTuple):
@@ -53,29 +62,72 @@ class RateLimitUnavailable(StoreUnavailable):
 
 class Limiter(ABC):
     @abstractmethod
-    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
-        """Count one request for ``key_id`` against ``limit``; refused hits are not counted."""
+    def hit(self, name: str, limit: RateLimit, now: float | None = None,
+            namespace: str = KEY_NAMESPACE) -> LimitState:
+        """Count one request for ``name`` (in ``namespace``) against ``limit``; refused
+        hits are not counted. ``now`` (seconds since the epoch) is for tests that drive
+        the clock; by default the backend's own clock decides."""
 
     def close(self) -> None:
         pass
 
 
-# -- embedded: GCRA in shared memory ---------------------------------------------
+def check_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE_RE.fullmatch(namespace):
+        raise ValueError(f"rate-limit namespace {namespace!r}: use 1-16 of a-z, 0-9, _ and -, "
+                         "starting with a letter")
+    return namespace
+
+
+# -- the algorithm: every backend runs exactly these steps ---------------------------
+# The Lua script in ratelimit_redis.py repeats gcra_step operation for operation (IEEE
+# doubles on both sides), so both give bit-identical answers; change them together.
+
+
+def gcra_step(tat: float, now: float, period: float, interval: float) -> tuple[bool, float, float]:
+    """One hit on a cell whose TAT is ``tat``: (allowed, the TAT to store if allowed,
+    how far that TAT is ahead of ``now``).
+
+    A TAT in the past is a full quota. One further ahead than a whole period (the key's
+    limit was lowered, or the cell holds junk) counts as a spent burst under the
+    current limit, so a changed limit applies at once and nothing waits longer than
+    one period. ``not tat >= now`` also catches NaN.
+    """
+    if not tat >= now:
+        tat = now
+    elif tat > now + period:
+        tat = now + period
+    new_tat = tat + interval
+    ahead = new_tat - now
+    return ahead <= period + 1e-9, new_tat, ahead
+
+
+def limit_state(allowed: bool, ahead: float, limit: RateLimit, interval: float) -> LimitState:
+    """The header values of a hit, from its outcome and how far its TAT is ahead of now."""
+    if allowed:
+        remaining = int((limit.period - ahead) / interval + 1e-9)
+        return LimitState(True, limit, remaining, math.ceil(ahead), 0)
+    # Refused: the quota is back (one request) after ``retry``; RateLimit's t says so too.
+    retry = max(1, math.ceil(ahead - limit.period))
+    return LimitState(False, limit, 0, retry, retry)
+
+
+# -- embedded: GCRA cells in shared memory ---------------------------------------------
 
 _MAGIC = b"KGRL0002"  # 0002: the slot count follows in the header (0001 had none)
 _HEADER = 64
-_SLOT = struct.Struct("<16sd")  # key id (NUL-padded), theoretical arrival time
+_SLOT = struct.Struct("<16sd")  # cell name (NUL-padded), theoretical arrival time
 _PROBES = 16
-_MAX_CELLS = 100_000  # per-process memo of where keys live; a full memo starts over
+_MAX_CELLS = 100_000  # per-process memo of where cells live; a full memo starts over
 
 
 class SharedMemoryLimiter(Limiter):
     """GCRA cells in an mmap-ed file shared by all processes that open the same path.
 
-    The table holds ``slots`` keys at a time; a cell whose time has passed is a
-    full quota and may be reused, so only keys used within their window compete
-    for space. When every probed cell is busy the oldest is evicted, which can
-    only ever favour the caller (never wrongly refuse one).
+    The table holds ``slots`` cells at a time; a cell whose time has passed is a
+    full quota and may be reused, so only counters used within their window
+    compete for space. When every probed cell is busy the oldest is evicted, which
+    can only ever favour the caller (never wrongly refuse one).
     """
 
     def __init__(self, path: str | os.PathLike[str], slots: int = 1 << 16) -> None:
@@ -90,7 +142,7 @@ class SharedMemoryLimiter(Limiter):
             os.close(self._fd)
             raise
         self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
-        self._cells: dict[str, list] = {}
+        self._memos: dict[str, dict[str, list]] = {}
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
 
@@ -109,9 +161,13 @@ class SharedMemoryLimiter(Limiter):
         finally:
             os.close(inherited)
 
-    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
-        cell = self._cells.get(key_id) or self._cell(key_id)
-        name, start, hint = cell
+    def hit(self, name: str, limit: RateLimit, now: float | None = None,
+            namespace: str = KEY_NAMESPACE) -> LimitState:
+        memo = self._memos.get(namespace)
+        if memo is None:
+            memo = self._memos.setdefault(check_namespace(namespace), {})
+        cell = memo.get(name) or self._cell(name, namespace, memo)
+        cell_name, start, hint = cell
         period = limit.period
         interval = period / limit.amount
         now = time.time() if now is None else now
@@ -119,35 +175,31 @@ class SharedMemoryLimiter(Limiter):
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 stored, tat = _SLOT.unpack_from(self._map, hint)
-                if stored != name:  # moved, evicted, or never stored: look for it
-                    hint, tat = self._find(name, start, now)
+                if stored != cell_name:  # moved, evicted, or never stored: look for it
+                    hint, tat = self._find(cell_name, start, now)
                     cell[2] = hint
-                new_tat = (tat if tat > now else now) + interval
-                allowed = new_tat - now <= period + 1e-9
+                allowed, new_tat, ahead = gcra_step(tat, now, period, interval)
                 if allowed:
-                    _SLOT.pack_into(self._map, hint, name, new_tat)
+                    _SLOT.pack_into(self._map, hint, cell_name, new_tat)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        if allowed:
-            remaining = int((period - (new_tat - now)) / interval + 1e-9)
-            return LimitState(True, limit, remaining, math.ceil(new_tat - now), 0)
-        # Refused: the quota is back (one request) after ``retry``; RateLimit's t says so too.
-        retry = max(1, math.ceil(new_tat - period - now))
-        return LimitState(False, limit, 0, retry, retry)
+        return limit_state(allowed, ahead, limit, interval)
 
-    def _cell(self, key_id: str) -> list:
-        """``[cell name, first probe offset, last known offset]`` for a key, kept per process
-        so a hit skips the encoding, the hash and (usually) the probing."""
-        name = key_id.encode()
-        if len(name) > 16:  # cells hold 16 bytes; longer ids (other apps' keys) are hashed
-            name = hashlib.blake2b(name, digest_size=16).digest()
-        start = zlib.crc32(name) % self.slots
-        name = name.ljust(16, b"\0")
-        cell = [name, start, _HEADER + start * _SLOT.size]
+    def _cell(self, name: str, namespace: str, memo: dict[str, list]) -> list:
+        """``[cell name, first probe offset, last known offset]`` for a counter, kept per
+        process so a hit skips the encoding, the hash and (usually) the probing."""
+        raw = name.encode()
+        if namespace != KEY_NAMESPACE:  # a name of its own kind, so it never meets a key's
+            raw = hashlib.blake2b(raw, digest_size=16, person=namespace.encode()).digest()
+        elif len(raw) > 16:  # cells hold 16 bytes; longer ids (other apps' keys) are hashed
+            raw = hashlib.blake2b(raw, digest_size=16).digest()
+        start = zlib.crc32(raw) % self.slots
+        raw = raw.ljust(16, b"\0")
+        cell = [raw, start, _HEADER + start * _SLOT.size]
         with self._thread_lock:
-            if len(self._cells) >= _MAX_CELLS:
-                self._cells.clear()
-            self._cells[key_id] = cell
+            if len(memo) >= _MAX_CELLS:
+                memo.clear()
+            memo[name] = cell
         return cell
 
     def _find(self, name: bytes, start: int, now: float) -> tuple[int, float]:
@@ -205,52 +257,53 @@ def _open_table(path: Path, size: int, header: bytes) -> int:
         os.close(lock)  # releases the flock
 
 
-# -- the limits library (Redis, or one process's memory) ----------------------------
+# -- one process's memory ----------------------------------------------------------------
 
 
-class LimitsLimiter(Limiter):
-    """``limits``' exact moving window on a storage URL (``redis://…``, ``memory://``)."""
+class MemoryLimiter(Limiter):
+    """GCRA cells in a dict (``memory://``): private to one process, so every worker of a
+    server would count on its own — for tests and single-process tools."""
 
-    def __init__(self, storage_url: str) -> None:
-        from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMinute, RateLimitItemPerSecond
-        from limits.storage import storage_from_string
-        from limits.strategies import MovingWindowRateLimiter
+    def __init__(self) -> None:
+        self._tats: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
 
-        self._items_by_unit = {
-            "second": RateLimitItemPerSecond, "minute": RateLimitItemPerMinute,
-            "hour": RateLimitItemPerHour, "day": RateLimitItemPerDay,
-        }
-        self._items: dict[RateLimit, object] = {}
-        try:
-            options: dict[str, float] = {}
-            if storage_url.startswith(("redis://", "rediss://", "redis+unix://")):
-                # On the request path: an unresponsive Redis must cost a second, not the
-                # client's default minutes, before the request is answered (503 or fail-open).
-                options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
-            self.storage = storage_from_string(storage_url, **options)
-        except Exception as e:  # limits raises ConfigurationError/ImportError variously
-            raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
-        self.limiter = MovingWindowRateLimiter(self.storage)
-
-    def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:
-        item = self._items.get(limit)
-        if item is None:
-            item = self._items[limit] = self._items_by_unit[limit.unit](limit.amount)
-        try:
-            allowed = self.limiter.hit(item, "keygate", key_id)
-            stats = self.limiter.get_window_stats(item, "keygate", key_id)
-        except Exception as e:
-            raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
-        if allowed:
-            return LimitState(True, limit, stats.remaining, reset, 0)
-        return LimitState(False, limit, 0, reset, max(1, reset))
+    def hit(self, name: str, limit: RateLimit, now: float | None = None,
+            namespace: str = KEY_NAMESPACE) -> LimitState:
+        if namespace != KEY_NAMESPACE:
+            check_namespace(namespace)
+        period = limit.period
+        interval = period / limit.amount
+        now = time.time() if now is None else now
+        cell = (namespace, name)
+        with self._lock:
+            allowed, new_tat, ahead = gcra_step(self._tats.get(cell, now), now, period, interval)
+            if allowed:
+                self._tats[cell] = new_tat
+                if len(self._tats) > _MAX_CELLS:  # forget full quotas, as Redis expires them
+                    self._tats = {c: t for c, t in self._tats.items() if t > now}
+        return limit_state(allowed, ahead, limit, interval)
 
 
-def open_limiter(storage_url: str | None, instance_path: str | os.PathLike[str]) -> Limiter:
-    """``None`` → the embedded shared-memory limiter for this host; else ``limits``."""
+# -- choosing a backend ------------------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix")
+
+
+def open_limiter(storage_url: str | None, instance_path: str | os.PathLike[str],
+                 prefix: str = "keygate:") -> Limiter:
+    """``None`` → the embedded shared-memory limiter for this host; ``memory://`` → this
+    process's memory; ``redis://…`` → Redis, every key under ``prefix``."""
     if storage_url is None:
         # The layout is in the name: a keygate with another layout (an upgrade running
         # beside the old one) uses its own table instead of replacing one in use.
         return SharedMemoryLimiter(Path(instance_path) / f"ratelimits-{_MAGIC.decode()[4:]}.mmap")
-    return LimitsLimiter(storage_url)
+    scheme = storage_url.split("://", 1)[0] if "://" in storage_url else ""
+    if scheme == "memory":
+        return MemoryLimiter()
+    if scheme in REDIS_SCHEMES:
+        from .ratelimit_redis import RedisLimiter
+
+        return RedisLimiter(storage_url, prefix=prefix)
+    raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: unknown storage {scheme or storage_url[:30]!r}; "
+                      "use redis://host:port")

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import REDIS_URL, Server, make_database_url, need_service, run_cli
+from private_redis import forget_prefix, test_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,10 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, env: dict[str, str])
     """Two servers, A and B, on one PostgreSQL schema and one Redis; plus A's admin key."""
     need_service("Redis", "127.0.0.1", 6379)
     url = make_database_url("postgresql", tmp_path, request)
-    shared = dict(env, KEYGATE_DATABASE_URL=url, KEYGATE_RATELIMIT_STORAGE_URL=REDIS_URL)
+    prefix = test_prefix()
+    request.addfinalizer(lambda: forget_prefix(prefix))
+    shared = dict(env, KEYGATE_DATABASE_URL=url, KEYGATE_RATELIMIT_STORAGE_URL=REDIS_URL,
+                  KEYGATE_RATELIMIT_PREFIX=prefix)
     init = run_cli(shared, "init", "--json")
     assert init.returncode == 0, init.stderr
     import json

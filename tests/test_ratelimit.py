@@ -1,12 +1,16 @@
-"""Per-key rate limits (issue 4), as a client and an operator see them.
+"""Per-key rate limits (issues 4 and 17), as a client and an operator see them.
 
 * the limiters themselves, one suite over every backend (the embedded shared-memory
-  GCRA table, ``limits`` on ``memory://`` and on a real Redis);
+  GCRA table, one process's memory, and a real Redis), all GCRA;
 * the HTTP surface (429 ``rate_limited`` problems, ``Retry-After``, the IETF RateLimit
   header fields and ``X-RateLimit-*``) through the Flask test client;
-* real ``manage.py serve`` processes: several server workers on one host, and
-  two servers on one Redis, must not multiply a key's limit;
+* real ``manage.py serve`` processes: several workers on one host, and two servers on
+  one Redis, must not multiply a key's limit;
 * a limit store that is down fails in the direction the operator chose.
+
+That every backend gives the same answers for the same hits, and Redis' own story
+(one round trip, its key layout, outages of a private server), are in
+``test_ratelimit_redis.py``.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from conftest import REDIS_URL, need_service, run_cli, wait_for_workers
 from keys import ConfigError, issue_key, open_store
 from keys.parse import RateLimit
 from keys.ratelimit import (
-    LimitsLimiter,
+    MemoryLimiter,
     RateLimitUnavailable,
     SharedMemoryLimiter,
     open_limiter,
 )
+from keys.ratelimit_redis import RedisLimiter
+from private_redis import forget_prefix, test_prefix
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1"
 _redis = urlsplit(REDIS_URL)
@@ -51,29 +57,23 @@ def need_redis() -> None:
     need_service("Redis", REDIS_HOST, REDIS_PORT)
 
 
-def forget_in_redis(*key_ids: str) -> None:
-    """Delete the counters of these (test-only, random) key ids; nothing else is touched."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        for key_id in key_ids:
-            for name in client.scan_iter(match=f"*keygate/{key_id}*"):
-                client.delete(name)
-    finally:
-        client.close()
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own on the shared Redis, emptied afterwards."""
+    prefix = test_prefix()
+    yield prefix
+    forget_prefix(prefix)
 
 
 # ---------------------------------------------------------------------------------------
 # The limiters: one suite, every backend
 # ---------------------------------------------------------------------------------------
 
-LIMITERS = ["shared-memory", "limits-memory", "limits-redis"]
+LIMITERS = ["shared-memory", "memory", "redis"]
 
 
 class Ids:
-    """Fresh key ids for one test (12 characters, like real ones), so runs never collide
-    in a shared Redis."""
+    """Fresh key ids for one test (12 characters, like real ones)."""
 
     def __init__(self) -> None:
         self.prefix = uuid.uuid4().hex[:8]
@@ -90,18 +90,18 @@ def ids() -> Ids:
 
 
 @pytest.fixture(params=LIMITERS)
-def limiter(request: pytest.FixtureRequest, tmp_path: Path, ids: Ids):  # noqa: ANN201
+def limiter(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
     if request.param == "shared-memory":
         lim = SharedMemoryLimiter(tmp_path / "ratelimits.mmap")
-    elif request.param == "limits-memory":
-        lim = LimitsLimiter("memory://")
+    elif request.param == "memory":
+        lim = MemoryLimiter()
     else:
         need_redis()
-        lim = LimitsLimiter(REDIS_URL)
+        prefix = test_prefix()
+        request.addfinalizer(lambda: forget_prefix(prefix))
+        lim = RedisLimiter(REDIS_URL, prefix=prefix)
     yield lim
     lim.close()
-    if request.param == "limits-redis":
-        forget_in_redis(ids.prefix)
 
 
 def test_allows_exactly_n_then_refuses_with_a_retry_hint(limiter, ids):
@@ -157,7 +157,7 @@ def test_keys_are_independent(limiter, ids):
 
 
 # (limit, hits per thread): enough contention to expose a missing lock, within a second.
-CONTENTION = {"shared-memory": (40_000, 10_000), "limits-memory": (1_000, 250), "limits-redis": (100, 25)}
+CONTENTION = {"shared-memory": (40_000, 10_000), "memory": (10_000, 2_500), "redis": (400, 100)}
 
 
 def test_exact_under_thread_concurrency(limiter, ids, request):
@@ -214,7 +214,9 @@ def test_shared_memory_is_exact_across_processes(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     assert sum(out) == PROCESS_LIMIT.amount
-    assert min(out) > 0  # every process got some: they really did compete
+    # They really did compete (on a loaded machine one may be scheduled only once the
+    # others have spent the quota, so not necessarily all four).
+    assert sum(n > 0 for n in out) >= 2, list(out)
     # The parent sees the same exhausted key.
     again = SharedMemoryLimiter(path)
     assert not again.hit("sharedkey001", PROCESS_LIMIT).allowed
@@ -385,11 +387,24 @@ def test_garbage_cells_never_refuse_a_new_key(tmp_path):
     lim.close()
 
 
+def test_namespaces_are_counters_of_their_own(limiter, ids):
+    """A second kind of counter (per client address, say) shares the path, never a cell."""
+    name, limit = ids(), RateLimit(2, "minute")
+    assert [limiter.hit(name, limit).allowed for _ in range(3)] == [True, True, False]
+    assert [limiter.hit(name, limit, namespace="addr").allowed for _ in range(3)] == [True, True, False]
+    for address in ["203.0.113.7", "2001:db8::1", "::ffff:10.0.0.1"]:
+        assert limiter.hit(address, limit, namespace="addr").remaining == 1
+    for bad in ["", "Key", "a b", "x{y}", "a" * 17, "1addr", None]:
+        with pytest.raises(ValueError, match="namespace"):
+            limiter.hit(name, limit, namespace=bad)
+
+
 def test_an_unreachable_redis_is_reported_not_crashed():
-    lim = LimitsLimiter(UNREACHABLE_REDIS)
+    lim = RedisLimiter(UNREACHABLE_REDIS)
     with pytest.raises(RateLimitUnavailable) as e:
         lim.hit("anykey000001", RateLimit(5, "minute"))
     assert e.value.status == 503
+    lim.close()
 
 
 def test_open_limiter_picks_the_backend(tmp_path):
@@ -397,7 +412,14 @@ def test_open_limiter_picks_the_backend(tmp_path):
     assert isinstance(embedded, SharedMemoryLimiter)
     assert list((tmp_path / "inst").glob("ratelimits-*.mmap"))
     embedded.close()
-    assert isinstance(open_limiter("memory://", tmp_path), LimitsLimiter)
+    assert isinstance(open_limiter("memory://", tmp_path), MemoryLimiter)
+    for url in ["redis://127.0.0.1:6379/0", "rediss://cache.internal:6380", "redis+unix:///run/redis.sock"]:
+        lim = open_limiter(url, tmp_path, prefix="tenant-a:")
+        assert isinstance(lim, RedisLimiter)
+        assert lim.cell("abc123def456") == "tenant-a:rl:key:{abc123def456}"
+        lim.close()
+    with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_STORAGE_URL"):
+        open_limiter("mongodb://127.0.0.1", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,6 +456,37 @@ def test_bad_limit_settings_name_the_variable(name, value):
         load_settings({name: value})
 
 
+BAD_PREFIXES = ["key gate:", "kg{tenant}:", "kg}", "kg:\n", "ключ:", "a" * 65, " ", "kg\x00", "\t"]
+
+
+@pytest.mark.parametrize("value", BAD_PREFIXES)
+def test_a_bad_redis_prefix_names_the_variable(value, monkeypatch):
+    with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_PREFIX") as e:
+        load_settings({"RATELIMIT_PREFIX": value})
+    assert "\n" not in str(e.value)  # one line, whatever the value held
+    if "\x00" not in value:
+        monkeypatch.setenv("KEYGATE_RATELIMIT_PREFIX", value)
+        with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_PREFIX"):
+            create_app({"DATABASE_URL": "memory://"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, "keygate:"), ("", "keygate:"), ("tenant-a:", "tenant-a:"), ("kg", "kg"),
+    ("a" * 64, "a" * 64), ("prod/keygate|v2:", "prod/keygate|v2:"),
+])
+def test_redis_prefix_values(value, expected):
+    overrides = {} if value is None else {"RATELIMIT_PREFIX": value}
+    assert load_settings(overrides).ratelimit_prefix == expected
+
+
+def test_serve_refuses_a_bad_redis_prefix_in_one_line(env):
+    result = run_cli({**env, "KEYGATE_RATELIMIT_PREFIX": "kg{x}:"}, "serve", "--port", "1")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "KEYGATE_RATELIMIT_PREFIX" in lines[0], result.stderr
+
+
 def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
     result = run_cli({**env, "KEYGATE_RATELIMIT_FAIL_OPEN": "perhaps"}, "serve", "--port", "1")
     assert result.returncode != 0
@@ -442,7 +495,9 @@ def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
     assert len(lines) == 1 and "KEYGATE_RATELIMIT_FAIL_OPEN" in lines[0]
 
 
-@pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999"])
+@pytest.mark.parametrize("url", ["mongodb://127.0.0.1", "redis://127.0.0.1:notaport", "redis://h:99999",
+                                 "redis://127.0.0.1:6379/zero", "redis+unix://", "redis://h\tx:6379",
+                                 "redis://127.0.0.1/0?socket_timeout=soon"])
 def test_serve_refuses_a_bad_storage_url_in_one_line(env, url):
     """Caught before the server starts, not as a traceback in every worker that boots."""
     assert run_cli(env, "init", "--no-admin-key").returncode == 0
@@ -708,19 +763,22 @@ def test_apps_sharing_an_instance_dir_share_the_limit(make_app, tmp_path):
     assert codes == [200] * 4 + [429] * 6
 
 
-def test_apps_on_one_redis_share_the_limit(make_app, tmp_path):
+def test_apps_on_one_redis_share_the_limit(make_app, tmp_path, redis_prefix):
     need_redis()
-    app1, store = make_app(RATELIMIT_STORAGE_URL=REDIS_URL, INSTANCE_PATH=str(tmp_path / "host1"))
-    app2, _ = make_app(store=store, RATELIMIT_STORAGE_URL=REDIS_URL, INSTANCE_PATH=str(tmp_path / "host2"))
+    redis = {"RATELIMIT_STORAGE_URL": REDIS_URL, "RATELIMIT_PREFIX": redis_prefix}
+    app1, store = make_app(**redis, INSTANCE_PATH=str(tmp_path / "host1"))
+    app2, _ = make_app(store=store, **redis, INSTANCE_PATH=str(tmp_path / "host2"))
     plaintext, key_id = new_key(store, "4/minute")
-    try:
-        clients = [app1.test_client(), app2.test_client()]
-        responses = [clients[i % 2].get("/secret", headers={"API-Key": plaintext}) for i in range(10)]
-        assert [r.status_code for r in responses] == [200] * 4 + [429] * 6
-        assert [ratelimit_field(r)[0] for r in responses[:4]] == [3, 2, 1, 0]
-        assert_rate_limited(responses[-1], 4)
-    finally:
-        forget_in_redis(key_id)
+    clients = [app1.test_client(), app2.test_client()]
+    responses = [clients[i % 2].get("/secret", headers={"API-Key": plaintext}) for i in range(10)]
+    assert [r.status_code for r in responses] == [200] * 4 + [429] * 6
+    assert [ratelimit_field(r)[0] for r in responses[:4]] == [3, 2, 1, 0]
+    assert_rate_limited(responses[-1], 4)
+    # The key's one cell, where the README says it is.
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(REDIS_URL) as client:
+        assert client.keys(redis_prefix + "*") == [f"{redis_prefix}rl:key:{{{key_id}}}".encode()]
 
 
 # -- a limit store that is down ---------------------------------------------------------
@@ -818,38 +876,40 @@ def test_two_workers_do_not_multiply_the_limit(env, start_server):
 
 
 @pytest.mark.slow
-def test_two_servers_on_one_redis_share_the_limit(env, start_server, tmp_path):
+def test_two_servers_on_one_redis_share_the_limit(env, start_server, tmp_path, redis_prefix):
     need_redis()
     cli_json(env, "init")
     shared = cli_json(env, "create-key", "--name", "shared", "--scope", "secret:read", "--rate-limit", "20/minute")
     other = cli_json(env, "create-key", "--name", "other", "--scope", "secret:read", "--rate-limit", "20/minute")
-    try:
-        first = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": REDIS_URL})
-        # A second "host": its own instance dir (so no shared table), the same store.
-        (tmp_path / "host2").mkdir()
-        second = start_server(workers=1, env_overrides={
-            "KEYGATE_RATELIMIT_STORAGE_URL": REDIS_URL,
-            "KEYGATE_INSTANCE_PATH": str(tmp_path / "host2" / "instance"),
-            "KEYGATE_DATABASE_URL": env["KEYGATE_DATABASE_URL"],
-        })
-        servers = [first, second]
-        with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(
-                lambda i: fresh_get(servers[i % 2], "/secret", shared["key"]), range(40)))
-        codes = Counter(r.status_code for r in responses)
-        assert codes == {200: 20, 429: 20}
-        assert_real_429(next(r for r in responses if r.status_code == 429), 20)
-        for s in servers:
-            assert fresh_get(s, "/secret", shared["key"]).status_code == 429
-            assert fresh_get(s, "/secret", other["key"]).status_code == 200
-    finally:
-        forget_in_redis(shared["id"], other["id"])
+    redis = {"KEYGATE_RATELIMIT_STORAGE_URL": REDIS_URL, "KEYGATE_RATELIMIT_PREFIX": redis_prefix}
+    first = start_server(workers=1, env_overrides=redis)
+    # A second "host": its own instance dir (so no shared table), the same store.
+    (tmp_path / "host2").mkdir()
+    second = start_server(workers=1, env_overrides={
+        **redis,
+        "KEYGATE_INSTANCE_PATH": str(tmp_path / "host2" / "instance"),
+        "KEYGATE_DATABASE_URL": env["KEYGATE_DATABASE_URL"],
+    })
+    servers = [first, second]
+    # GCRA gives the 21st request its turn 3 s after the first (60 s / 20): all of this
+    # takes a fraction of that.
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(
+            lambda i: fresh_get(servers[i % 2], "/secret", shared["key"]), range(40)))
+    codes = Counter(r.status_code for r in responses)
+    assert codes == {200: 20, 429: 20}
+    assert_real_429(next(r for r in responses if r.status_code == 429), 20)
+    for s in servers:
+        assert fresh_get(s, "/secret", shared["key"]).status_code == 429
+        assert fresh_get(s, "/secret", other["key"]).status_code == 200
 
 
 @pytest.mark.slow
 def test_a_server_whose_limit_store_is_down_says_so(env, start_server):
     admin = cli_json(env, "init")["admin_key"]
-    server = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": UNREACHABLE_REDIS})
+    password = "never-logged-" + uuid.uuid4().hex
+    unreachable = f"redis://:{password}@127.0.0.1:1/0"
+    server = start_server(workers=1, env_overrides={"KEYGATE_RATELIMIT_STORAGE_URL": unreachable})
     resp = server.get("/admin", headers={"API-Key": admin["key"]})
     assert resp.status_code == 503
     assert resp.headers["Content-Type"].startswith("application/problem+json")
@@ -859,3 +919,4 @@ def test_a_server_whose_limit_store_is_down_says_so(env, start_server):
     assert "rate-limit store unavailable" in output
     assert "KEYGATE_RATELIMIT_FAIL_OPEN" in output
     assert "Traceback" not in output
+    assert password not in output and password not in resp.text

@@ -1,0 +1,138 @@
+"""GCRA in Redis: one ``EVALSHA`` per hit decides it and returns what the headers need.
+
+Hand-written because no maintained library offers it: ``limits`` (5.8) has moving,
+fixed and sliding windows only, each needing a second call for the window's state
+(and Redis' own ``GCRA`` command arrives only with Redis 8.8).
+
+The script is ``gcra_step`` of ``keys/ratelimit.py`` in Lua, operation for operation on
+the same IEEE doubles, so a fleet on Redis answers exactly as one host's embedded
+table would. Time comes from Redis (``TIME``), so hosts whose clocks disagree still
+agree on every limit. redis-py's ``Script`` sends ``EVALSHA`` and, when Redis
+answers ``NOSCRIPT`` (first use, a restart, a failover), loads the script and
+repeats the call once.
+
+Layout: one string per counter, ``<prefix>rl:<namespace>:{<name>}`` (a key's cell:
+``keygate:rl:key:{<key id>}``), holding its theoretical arrival time. The braces
+are a Redis Cluster hash tag: everything about one name stays on one slot. Every
+write sets an expiry at that time, when the cell would be a full quota anyway, so
+idle counters cost no memory.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from .exc import ConfigError
+from .parse import RateLimit
+from .ratelimit import KEY_NAMESPACE, Limiter, LimitState, RateLimitUnavailable, check_namespace, limit_state
+
+#: Budget of connecting, and of one answer: a Redis that is down or hung must cost the
+#: request under a second (then 503, or fail-open), never the client's default minutes.
+TIMEOUT = 0.5
+
+_PREFIX_RE = re.compile(r"[!-z|~]{1,64}")  # printable ASCII but space and braces (hash tags)
+
+GCRA_LUA = """
+local period, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, slack = ARGV[3] and tonumber(ARGV[3]), 0
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  slack = 3600000  -- the clock of a test: the real one must not expire the cell meanwhile
+end
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if not (tat >= now) then tat = now elseif tat > now + period then tat = now + period end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead <= period + 1e-9 then
+  local ttl = math.max(1, math.ceil(ahead * 1000)) + slack
+  redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
+  return {1, string.format('%.17g', ahead)}
+end
+return {0, string.format('%.17g', ahead)}
+"""
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it can start keygate's Redis keys; else ValueError saying why."""
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"{str(prefix)[:70]!r} is not a key prefix: use 1-64 printable ASCII "
+                         "characters without spaces or braces, e.g. keygate:")
+    return prefix
+
+
+def _check_url(url: str) -> None:
+    """What redis-py would let through to fail (or worse, quietly fall back) at the first
+    request. Messages never repeat the URL: it may hold a password."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise ValueError("the URL holds spaces or control characters")
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("redis+unix:// needs the socket's path, e.g. redis+unix:///run/redis.sock")
+        return
+    parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    db = parts.path.strip("/")
+    if db and not db.isdigit():  # redis-py would quietly use database 0
+        raise ValueError(f"the database is a number, as in redis://host:6379/0, not {db[:20]!r}")
+
+
+class RedisLimiter(Limiter):
+    """GCRA cells in Redis, shared by every host that uses the same server and prefix."""
+
+    def __init__(self, url: str, prefix: str = "keygate:", timeout: float = TIMEOUT) -> None:
+        try:
+            check_prefix(prefix)
+        except ValueError as e:
+            raise ConfigError(f"KEYGATE_RATELIMIT_PREFIX: {e}") from None
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise ConfigError("KEYGATE_RATELIMIT_STORAGE_URL: redis:// needs the redis package "
+                              "(pip install 'keygate[redis]')") from None
+        if url.startswith("redis+unix://"):  # the scheme keygate has always accepted
+            url = "unix://" + url[len("redis+unix://"):]
+        try:
+            _check_url(url)
+            self._client = redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                protocol=2,  # RESP3 buys nothing here, and redis-py parses RESP2 faster without hiredis
+                # Once, at once, and only for a dropped connection (a restarted Redis): a
+                # timeout means a hung Redis, and waiting for it twice would double the cost.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
+        self._error = redis.RedisError
+        self._script = self._client.register_script(GCRA_LUA)
+        self.prefix = prefix
+        self._heads: dict[str, str] = {}
+        self._args: dict[RateLimit, tuple[bytes, bytes]] = {}
+
+    def cell(self, name: str, namespace: str = KEY_NAMESPACE) -> str:
+        """The Redis key of ``name``'s counter in ``namespace``."""
+        head = self._heads.get(namespace)
+        if head is None:
+            head = self._heads[check_namespace(namespace)] = f"{self.prefix}rl:{namespace}:{{"
+        return head + name + "}"
+
+    def hit(self, name: str, limit: RateLimit, now: float | None = None,
+            namespace: str = KEY_NAMESPACE) -> LimitState:
+        interval = limit.period / limit.amount
+        args = self._args.get(limit)
+        if args is None:  # repr: the shortest text that parses back to the same double
+            args = self._args[limit] = (str(limit.period).encode(), repr(interval).encode())
+        if now is not None:
+            args = (*args, repr(float(now)).encode())
+        try:
+            allowed, ahead = self._script(keys=[self.cell(name, namespace)], args=args)
+        except self._error as e:
+            raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
+        return limit_state(allowed == 1, float(ahead), limit, interval)
+
+    def close(self) -> None:
+        self._client.close()
