@@ -83,7 +83,7 @@ class AccessLog:
                 if name == "Content-Length" or name.lower() == "content-length":
                     length = value
                     break
-        target = _escape(environ.get("PATH_INFO", ""))
+        target = _escape(redact(environ.get("PATH_INFO", "")))
         query = environ.get("QUERY_STRING")
         if query:
             target += "?" + _escape(redact_query(query))
@@ -91,7 +91,7 @@ class AccessLog:
         agent = environ.get("HTTP_USER_AGENT")
         return (
             f'{environ.get("REMOTE_ADDR") or "-"} - - [{self._clock.now()}] '
-            f'"{environ.get("REQUEST_METHOD", "-")} {_escape(redact(target))} '
+            f'"{environ.get("REQUEST_METHOD", "-")} {target} '
             f'{environ.get("SERVER_PROTOCOL", "-")}" {status} {length} '
             f'"{_escape(redact(referer)) if referer else "-"}" '
             f'"{_escape(redact(agent)) if agent else "-"}" {duration * 1000:.3f}ms'

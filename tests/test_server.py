@@ -330,6 +330,15 @@ def test_no_secret_ever_reaches_the_server_output(live: Live) -> None:
     # one more of everything, then read the whole access + error log
     key = live.create("--scope", "secret:read")["key"]
     assert live.get("/secret", key, headers={"Referer": f"http://x/?api_key={key}"}).status_code == 200
+    # a key pasted into a User-Agent, and a key in a Referer under a name nobody would guess
+    assert live.get("/secret", key, headers={"User-Agent": f"my-script/1.0 ({key})",
+                                             "Referer": f"http://x/?next={key}"}).status_code == 200
+    # a token whose parameter name is percent-encoded: werkzeug decodes it, so the server
+    # honours it; the log must not miss it either
+    reader = live.create("--scope", "data:read")
+    token = json.loads(live.cli("mint-token", reader["id"], "--json"))["token"]
+    live.secrets.append(token)
+    assert live.get(f"/data?%74oken={token}").status_code == 200
     marker = secrets.token_hex(6)
     live.get(f"/healthz?m={marker}")
     wait_for(lambda: marker in live.server.output(), "the last request in the access log")
