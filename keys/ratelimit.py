@@ -24,14 +24,17 @@ import os
 import struct
 import threading
 import time
-import weakref
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .exc import ConfigError, StoreUnavailable
+from .forking import after_fork_in_child
 from .parse import RateLimit
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
 
 log = logging.getLogger("keygate.ratelimit")
 
@@ -90,9 +93,8 @@ class SharedMemoryLimiter(Limiter):
             os.close(self._fd)
             raise
         self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
-        self._cells: dict[str, list] = {}
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
+        self._cells: dict[str, list[Any]] = {}
+        after_fork_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
         """A forked child opens the table again: ``flock`` locks belong to the open file
@@ -135,7 +137,7 @@ class SharedMemoryLimiter(Limiter):
         retry = max(1, math.ceil(new_tat - period - now))
         return LimitState(False, limit, 0, retry, retry)
 
-    def _cell(self, key_id: str) -> list:
+    def _cell(self, key_id: str) -> list[Any]:
         """``[cell name, first probe offset, last known offset]`` for a key, kept per process
         so a hit skips the encoding, the hash and (usually) the probing."""
         name = key_id.encode()
@@ -179,7 +181,7 @@ def _open_table(path: Path, size: int, header: bytes) -> int:
     mapping past the end of a shrunk file is SIGBUS. ``<path>.lock`` serialises the
     replacement, so processes starting together agree on one table.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -220,7 +222,7 @@ class LimitsLimiter(Limiter):
             "second": RateLimitItemPerSecond, "minute": RateLimitItemPerMinute,
             "hour": RateLimitItemPerHour, "day": RateLimitItemPerDay,
         }
-        self._items: dict[RateLimit, object] = {}
+        self._items: dict[RateLimit, RateLimitItem] = {}
         try:
             options: dict[str, float] = {}
             if storage_url.startswith(("redis://", "rediss://", "redis+unix://")):
@@ -229,7 +231,7 @@ class LimitsLimiter(Limiter):
                 options = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
             self.storage = storage_from_string(storage_url, **options)
         except Exception as e:  # limits raises ConfigurationError/ImportError variously
-            raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
+            raise ConfigError(f"unusable rate-limit storage URL ({e})") from None
         self.limiter = MovingWindowRateLimiter(self.storage)
 
     def hit(self, key_id: str, limit: RateLimit, now: float | None = None) -> LimitState:

@@ -33,7 +33,7 @@ def _redact_pair(m: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """``/data?token=abc&x=1`` → ``/data?token=[REDACTED]&x=1``; bare keys and tokens likewise."""
+    """``/files?token=abc&x=1`` → ``/files?token=[REDACTED]&x=1``; bare keys and tokens likewise."""
     if not text:
         return text
     if "=" in text:
