@@ -16,7 +16,7 @@ from keys.cache import CachedLookup
 from keys.verify import KeyLookup
 from keys.exc import ConfigError, StoreUnavailable
 from keys.store import SCHEMA_VERSION, KeyStore
-from keys.ratelimit import open_limiter
+from keys.ratelimit import Limiter, open_limiter
 from keys.tokens import TokenSigner
 from keys.usage import UsageRecorder
 
@@ -26,16 +26,42 @@ from .problems import register_problem_handlers
 from .ratelimits import RateLimits
 from .responses import KeygateResponse
 from .restx import KeygateApi
+from .scopes import SCOPES
 
+#: The realm of every challenge the service sends (``WWW-Authenticate: ApiKey realm="keygate"``).
+REALM = "keygate"
+#: What a caller who put an API key in ``?token=`` is told.
+KEY_IN_URL_DETAIL = ("An API key is never accepted in a URL: send it in the API-Key header, "
+                     "or mint a query token with POST /tokens.")
 AUTHORIZATIONS = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "API-Key"},
     "token": {"type": "apiKey", "in": "query", "name": "token"},
 }
 
 
+def open_configured_store(settings: Settings) -> KeyStore:
+    """The store ``KEYGATE_DATABASE_URL`` names, as it is; a URL it can't use is a
+    ``ConfigError`` naming the variable."""
+    try:
+        return open_store(settings.database_url)
+    except ConfigError as e:
+        raise ConfigError(f"KEYGATE_DATABASE_URL: {e.detail}") from None
+
+
+def open_configured_limiter(settings: Settings) -> Limiter:
+    """The limiter ``KEYGATE_RATELIMIT_STORAGE_URL`` names (or the embedded one under
+    ``KEYGATE_INSTANCE_PATH``); what it can't use is a ``ConfigError`` naming the variable."""
+    try:
+        return open_limiter(settings.ratelimit_storage_url, settings.instance_path, settings.ratelimit_prefix)
+    except ConfigError as e:
+        raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e.detail}") from None
+    except OSError as e:
+        raise ConfigError(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}") from None
+
+
 def open_checked_store(settings: Settings) -> KeyStore:
     """The configured store, refusing to serve from one that ``init`` has not prepared."""
-    store = open_store(settings.database_url)
+    store = open_configured_store(settings)
     try:
         version = store.schema_version()
     except StoreUnavailable as e:
@@ -101,7 +127,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
             app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
 
     store = store or open_checked_store(settings)
-    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
+    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl, SCOPES)
     # Verification reads through a per-process cache of recently verified keys, emptied
     # whenever the store's revision moves (checked at most every 0.5 s): see keys/cache.py.
     # PostgreSQL keeps many records (a miss is a network round trip); SQLite only the hot
@@ -111,14 +137,12 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         lookup = CachedLookup(store, max_entries=100_000)
     elif store.backend == "sqlite":
         lookup = CachedLookup(store, max_entries=4096)
-    auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)], lookup=lookup)
+    auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer, key_in_url_detail=KEY_IN_URL_DETAIL)],
+                   lookup=lookup, scopes=SCOPES, realm=REALM)
     usage = UsageRecorder(store)
     auth.on_failure(lambda e: usage.failure(e.code))
     app.extensions["keygate.usage"] = usage
-    try:
-        limiter = open_limiter(settings.ratelimit_storage_url, settings.instance_path, settings.ratelimit_prefix)
-    except OSError as e:
-        raise ConfigError(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}") from None
+    limiter = open_configured_limiter(settings)
     RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
     app.extensions["keygate.signer"] = signer
     app.extensions["keygate.close"] = _closer(usage, limiter, store)

@@ -20,19 +20,17 @@ from keys import (
     find_by_plaintext,
     get_key,
     issue_key,
-    open_store,
     revoke_key,
 )
 from keys.exc import InvalidRequest
 from keys.issuing import cli_actor, rotate_key
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
-from keys.ratelimit import open_limiter
 from keys.tokens import TokenSigner, mint_token
-from keys.scopes import ADMIN, ALL_SCOPES
 from keys.store import KeyStore
 
 from .config import load_serve_settings, load_settings
+from .scopes import ADMIN, ALL_SCOPES, SCOPES
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -58,12 +56,10 @@ class Cli(click.Group):
 
 
 def _store(*, checked: bool = True) -> KeyStore:
-    settings = load_settings()
-    if checked:
-        from .app import open_checked_store
+    from .app import open_checked_store, open_configured_store
 
-        return open_checked_store(settings)
-    return open_store(settings.database_url)
+    settings = load_settings()
+    return open_checked_store(settings) if checked else open_configured_store(settings)
 
 
 def _duration(field: str) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
@@ -118,7 +114,7 @@ def init(no_admin_key: bool, as_json: bool) -> None:
     version = store.migrate()
     issued = None
     if not no_admin_key and store.count() == 0:
-        issued = issue_key(store, name="admin", scopes=[ADMIN])
+        issued = issue_key(store, name="admin", scopes=[ADMIN], vocabulary=SCOPES)
     if as_json:
         _emit_json({
             "schema_version": version,
@@ -146,7 +142,7 @@ def create_key(name: str, scopes: Sequence[str], expires_in: int | None, rate_li
     """Create a key and print it, once."""
     store = _store()
     issued = issue_key(store, name=name, scopes=scopes, expires_in=expires_in,
-                       rate_limit=rate_limit, allowed_ips=allowed_ips)
+                       rate_limit=rate_limit, allowed_ips=allowed_ips, vocabulary=SCOPES)
     _show_new_key(issued.plaintext, issued.record, as_json)
 
 
@@ -159,7 +155,7 @@ def list_keys(as_json: bool) -> None:
         # Streamed page by page, so a million keys never sit in memory at once.
         click.echo("[", nl=False)
         first, after = True, None
-        while page := store.list(limit=1000, after=after):
+        while page := store.list_keys(limit=1000, after=after):
             for record in page:
                 click.echo(("\n  " if first else ",\n  ") + json.dumps(record.metadata()), nl=False)
                 first = False
@@ -169,7 +165,7 @@ def list_keys(as_json: bool) -> None:
     click.echo(f"{'ID':<12}  {'NAME':<24}  {'SCOPES':<30}  {'STATE':<8}  EXPIRES")
     after = None
     now = time.time()
-    while page := store.list(limit=1000, after=after):
+    while page := store.list_keys(limit=1000, after=after):
         for r in page:
             state = ("revoked" if r.revoked_at is not None and r.revoked_at <= now
                      else "expired" if r.expires_at is not None and r.expires_at <= now else "active")
@@ -233,13 +229,14 @@ def rotate_key_cmd(key_id: str, grace: int | None, as_json: bool) -> None:
 @click.argument("key_id")
 @click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES),
               help="Narrow the token to this scope; repeat for several (default: the key's).")
-@click.option("--ttl", callback=_duration("--ttl"), help="Lifetime, e.g. 15m (default 15m).")
+@click.option("--ttl", callback=_duration("--ttl"),
+              help="Lifetime, e.g. 15m (default 15m, at most KEYGATE_TOKEN_MAX_TTL).")
 @json_option
 def mint_token_cmd(key_id: str, scopes: Sequence[str], ttl: int | None, as_json: bool) -> None:
     """Mint a short-lived query token (for ?token=) from a key."""
     settings = load_settings()
     store = _store()
-    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
+    signer = TokenSigner(settings.secret_keys, settings.token_max_ttl, SCOPES)
     minted = mint_token(store, signer, get_key(store, key_id), actor=cli_actor(),
                         scopes=scopes or None, ttl=ttl)
     if as_json:
@@ -302,11 +299,10 @@ def serve(host: str | None, port: int | None, workers: int | None, certfile: str
     """Run the production server (granian)."""
     where = load_serve_settings(host=host, port=port, workers=workers, certfile=certfile, keyfile=keyfile)
     _store().close()  # fail here, in one line, rather than in every worker
-    settings = load_settings()
-    try:  # the limit store's URL too (a bad port, say): it is only parsed when opened
-        open_limiter(settings.ratelimit_storage_url, settings.instance_path).close()
-    except OSError as e:
-        fail(f"KEYGATE_INSTANCE_PATH: cannot create the rate-limit table: {e.strerror}")
+    from .app import open_configured_limiter
+
+    # The limit store's URL too (a bad port, say): it is only parsed when opened.
+    open_configured_limiter(load_settings()).close()
     _check_port_free(where.host, where.port)
     from .server import ServeOptions
     from .server import serve as run

@@ -1,5 +1,9 @@
 """Settings from ``KEYGATE_*`` environment variables (a ``.env`` file is honoured).
 
+Paths are the working directory's, never the code's: ``.env`` and the default
+``instance/`` are where keygate is run from (a checkout's root for ``make run``),
+so an installed keygate never writes into site-packages.
+
 Everything is validated here, at start-up, so a bad value stops the service
 with one line naming the variable instead of failing on the first request.
 """
@@ -20,11 +24,20 @@ from keys.exc import ConfigError, InvalidRequest
 from keys.parse import parse_duration, parse_rate_limit
 from keys.ratelimit_redis import check_prefix
 
-ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "KEYGATE_"
 MIN_SECRET_LENGTH = 32
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
+
+
+def dotenv_path() -> Path:
+    """The ``.env`` file honoured: the working directory's."""
+    return Path.cwd() / ".env"
+
+
+def default_instance_path() -> Path:
+    """Where instance data goes unless ``KEYGATE_INSTANCE_PATH`` says: ``./instance``."""
+    return Path.cwd() / "instance"
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ def load_serve_settings(
 ) -> ServeSettings:
     """``serve``'s options win, then ``KEYGATE_*`` (``PORT`` after ``KEYGATE_PORT``, as
     platforms that assign a port set it), then 127.0.0.1:5000 and a worker per core."""
-    load_dotenv(ROOT / ".env", override=False)
+    load_dotenv(dotenv_path(), override=False)
     env = os.environ
     if port is None:
         for name in ("KEYGATE_PORT", "PORT"):
@@ -171,7 +184,7 @@ def load_serve_settings(
 
 def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     """Settings from ``overrides`` (keys without the prefix), then the environment, then defaults."""
-    load_dotenv(ROOT / ".env", override=False)
+    load_dotenv(dotenv_path(), override=False)
     overrides = dict(overrides or {})
 
     def get(name: str) -> Any:
@@ -179,7 +192,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
             return overrides[name]
         return os.environ.get(PREFIX + name)
 
-    instance = Path(get("INSTANCE_PATH") or ROOT / "instance")
+    instance = Path(get("INSTANCE_PATH") or default_instance_path())
     database_url = get("DATABASE_URL") or f"sqlite:///{instance / 'keygate.db'}"
 
     default_rate = get("DEFAULT_RATE_LIMIT") or "600/minute"

@@ -1,4 +1,8 @@
-"""``GET /openapi.json``: the OpenAPI 3.0.3 contract (``openapi.yaml`` at the repo root) as JSON.
+"""``GET /openapi.json``: the OpenAPI 3.0.3 contract (``openapi.yaml``) as JSON.
+
+The document is the repository's top-level ``openapi.yaml``; ``api/openapi.yaml`` is a
+symbolic link to it, which the build turns into a file of the installed package
+(pyproject.toml's package-data), so a checkout and an installed wheel read the same.
 
 A plain Flask route, not a Flask-RESTX resource, so it stays out of RESTX's own
 Swagger 2.0 document. The file is parsed once per process (per file version),
@@ -18,9 +22,7 @@ from flask import Flask, Response, current_app
 
 from keys.exc import NotFound
 
-from .config import ROOT
-
-OPENAPI_PATH = ROOT / "openapi.yaml"
+OPENAPI_PATH = Path(__file__).resolve().parent / "openapi.yaml"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 

@@ -66,10 +66,10 @@ from werkzeug.test import EnvironBuilder  # noqa: E402
 
 from api.app import create_app  # noqa: E402
 from api.namespaces import pages  # noqa: E402
+from api.scopes import DATA_READ, SECRET_READ  # noqa: E402
 from keys.auth import KeyAuth  # noqa: E402
 from keys.keyformat import ALPHABET, ID_LENGTH, generate_key, hash_key  # noqa: E402
 from keys.model import Principal  # noqa: E402
-from keys.scopes import DATA_READ, SECRET_READ  # noqa: E402
 from keys.store import SCHEMA_VERSION  # noqa: E402
 from keys.store.schema import keys_table  # noqa: E402
 from keys.store.sql import SqlKeyStore  # noqa: E402
@@ -309,7 +309,7 @@ def _bench_app(fixture: Fixture, instance_path: Path, **settings: str) -> BenchA
     principal = Principal(record.id, record.name, record.scopes, "header", record)
     with _with_baseline_namespace(principal):
         app = create_app(config)
-    return BenchApp(app, app.extensions["keygate"], BASELINE_PATH)
+    return BenchApp(app, app.extensions["keygate"].auth, BASELINE_PATH)
 
 
 def auth_only_app(fixture: Fixture, instance_path: Path) -> BenchApp:
@@ -363,7 +363,7 @@ def store_path_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     per-process cache of recently verified keys, so every request pays for a lookup
     (the 1,000-key store's keys would otherwise all fit in the cache)."""
     bench = auth_only_app(fixture, instance_path)
-    bench.auth.lookup = bench.auth.store
+    bench.app.extensions["keygate"].lookup = bench.auth.store
     return bench
 
 
@@ -446,7 +446,8 @@ def run_batch(case: Case, batch: list[dict[str, str]]) -> int:
         body = wsgi(environ, start_response)
         for _ in body:
             pass
-        body.close()
+        if hasattr(body, "close"):  # PEP 3333: an iterable that has close() must be closed
+            body.close()
     return time.perf_counter_ns() - t0
 
 
@@ -461,7 +462,8 @@ def check_case(case: Case, fixture: Fixture | None = None, headers: tuple[str, .
         environ.update(extra)
         body = case.wsgi(environ, lambda s, h, e=None: (status.append(s), got.append(h)))
         data = b"".join(body)
-        body.close()
+        if hasattr(body, "close"):  # PEP 3333: an iterable that has close() must be closed
+            body.close()
         if not status or not status[0].startswith("200"):
             sys.exit(f"{case.label}: expected 200, got {status[0] if status else '?'}: {data[:300]!r}")
         missing = set(headers) - {name for name, _ in got[0]}

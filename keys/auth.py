@@ -1,76 +1,96 @@
 """``KeyAuth``: the Flask extension that turns a credential into ``g.principal``.
 
-    auth = KeyAuth(app, store=open_store(url))
+    auth = KeyAuth(app, store=store, scopes=["reports:read", "reports:write"])
 
-    @auth.require("secret:read")
-    def get(): ...
+    @app.get("/reports")
+    @auth.require("reports:read")
+    def reports(): ...
 
-Credential sources are pluggable (the ``API-Key`` header, a query token, ...).
+Credential sources are pluggable (the ``API-Key`` header, ``Authorization: Bearer``,
+a query token, ...), and each names the challenge scheme a refusal answers with.
 Every source is looked at on every request, so a request that carries two
 credentials is refused as ambiguous even where only one kind is accepted.
+
+A refusal raises a ``KeygateError``; ``init_app`` registers a handler that answers
+it as problem+json (``keys.problem``), and ``@auth.error_handler`` renders it
+instead. What depends on the app (store, scopes, realm) is kept per app in
+``app.extensions["keygate"]``, so one ``KeyAuth`` serves any number of apps.
 """
 
 from __future__ import annotations
 
 import functools
-from abc import ABC, abstractmethod
+import inspect
+import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from flask import Flask, Request, g, request
+from flask import Flask, Request, current_app, g, has_app_context, request
+from flask.typing import ResponseReturnValue
+from werkzeug.wrappers import Response
 
-from .exc import InsufficientScope, KeygateError, MissingCredentials, MultipleCredentials
+from .exc import (
+    AuthenticationError,
+    ConfigError,
+    InsufficientScope,
+    KeygateError,
+    MissingCredentials,
+    MultipleCredentials,
+    StoreUnavailable,
+)
 from .model import Principal
-from .scopes import grants
-from .store.base import KeyStore
-from .tokens import TokenSigner
-from .verify import KeyLookup, check_ip, verify_key
+from .problem import problem_response
+from .scopes import Scopes, is_scope
+from .sources import BearerKey, CredentialSource, HeaderKey, QueryToken, check_realm
+from .store import SCHEMA_VERSION, KeyStore, open_store
+from .verify import KeyLookup, check_ip
 
+log = logging.getLogger("keygate.auth")
 F = TypeVar("F", bound=Callable[..., Any])
+ErrorRenderer = Callable[[KeygateError], Any]
 #: The WSGI environ key under which an authenticated request's ``Principal`` is also kept.
 PRINCIPAL_ENVIRON_KEY = "keygate.principal"
+#: The ``app.config`` keys ``init_app`` reads; arguments given to ``KeyAuth`` win over them.
+CONFIG_KEYS = ("KEYGATE_DATABASE_URL", "KEYGATE_SCOPES", "KEYGATE_SUPERSCOPE", "KEYGATE_REALM")
+__all__ = ["PRINCIPAL_ENVIRON_KEY", "BearerKey", "CredentialSource", "HeaderKey", "KeyAuth", "KeyAuthState",
+           "QueryToken", "check_schema", "current_principal"]
 
 
-class CredentialSource(ABC):
-    """One place a credential can arrive, and how to check what arrives there."""
+@dataclass(eq=False)
+class KeyAuthState:
+    """What ``KeyAuth`` uses for one app, kept in ``app.extensions["keygate"]``."""
 
-    #: Name routes use to say which sources they accept ("header", "token").
-    kind: str
-    #: Human description used in error details ("the API-Key header").
-    description: str
-
-    @abstractmethod
-    def extract(self, req: Request) -> str | None:
-        """The raw credential, or ``None`` when this source is absent."""
-
-    @abstractmethod
-    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
-        """Verify the credential; raise an ``AuthenticationError`` if it is refused."""
+    auth: KeyAuth
+    store: KeyStore
+    #: Where verification reads records: the store, or a ``CachedLookup`` in front of it.
+    lookup: KeyLookup
+    scopes: Scopes
+    realm: str | None
 
 
-class HeaderKey(CredentialSource):
-    """An API key in a request header (``API-Key`` by default)."""
-
-    kind = "header"
-
-    def __init__(self, header: str = "API-Key") -> None:
-        self.header = header
-        self.description = f"the {header} header"
-        self._environ_key = "HTTP_" + header.upper().replace("-", "_")
-
-    def extract(self, req: Request) -> str | None:
-        value = req.environ.get(self._environ_key)
-        # Surrounding spaces are not part of a field value (RFC 9110 §5.5); gunicorn strips
-        # them, other servers may not: one behaviour everywhere.
-        return None if value is None else value.strip(" \t")
-
-    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
-        record = verify_key(auth.lookup, value)
-        return Principal(record.id, record.name, record.scopes, self.kind, record)
+def check_schema(store: KeyStore) -> None:
+    """Refuse to serve from a store whose tables are missing or behind this code. One that
+    can't be reached now may be back soon: its requests get 503 meanwhile, not a crash."""
+    try:
+        version = store.schema_version()
+    except StoreUnavailable as e:
+        log.warning("could not check the key store's schema: %s", e.detail)
+        return
+    if version < SCHEMA_VERSION:
+        what = "has no tables yet" if version == 0 else f"is at schema version {version} of {SCHEMA_VERSION}"
+        raise ConfigError(f"the key store {what}: call its migrate() once before serving (safe to repeat)")
 
 
 class KeyAuth:
-    """Flask extension: API-key verification with per-route scope requirements."""
+    """Flask extension: API-key verification with per-route scope requirements.
+
+    Arguments win over the app's config (``CONFIG_KEYS``): ``store`` (else
+    ``KEYGATE_DATABASE_URL``), ``scopes`` — the app's vocabulary, names or a ``Scopes``
+    (else ``KEYGATE_SCOPES``; neither: any well-formed scope) — ``superscope``, the one
+    scope that opens everything (else ``KEYGATE_SUPERSCOPE``; neither: none), and
+    ``realm`` for challenges whose source sets none (else ``KEYGATE_REALM``).
+    """
 
     def __init__(
         self,
@@ -79,25 +99,90 @@ class KeyAuth:
         store: KeyStore | None = None,
         sources: Iterable[CredentialSource] | None = None,
         lookup: KeyLookup | None = None,
+        scopes: Scopes | Iterable[str] | str | None = None,
+        superscope: str | None = None,
+        realm: str | None = None,
     ) -> None:
-        self.store: KeyStore = store  # type: ignore[assignment]
-        #: Where verification reads records: the store, or a ``CachedLookup`` in front of it.
-        self.lookup: KeyLookup = lookup or store  # type: ignore[assignment]
-        self.sources: list[CredentialSource] = list(sources) if sources is not None else [HeaderKey()]
+        self._store = store
+        self._lookup = lookup
+        self._scopes = scopes
+        self._superscope = superscope
+        self._realm = check_realm(realm)
+        self._closed_vocabulary = None if scopes is None else Scopes.coerce(scopes, superscope)
+        self.sources: list[CredentialSource] = []
+        for source in [HeaderKey()] if sources is None else sources:
+            self.add_source(source)
         self._after_auth: list[Callable[[Principal], None]] = []
         self._on_failure: list[Callable[[KeygateError], None]] = []
+        self._render: ErrorRenderer | None = None
         if app is not None:
             self.init_app(app)
 
-    def init_app(self, app: Flask, store: KeyStore | None = None) -> None:
-        if store is not None:
-            self.store = store
-            self.lookup = self.lookup or store
-        if self.store is None:
-            raise RuntimeError("KeyAuth needs a store: KeyAuth(app, store=...) or init_app(app, store)")
-        app.extensions["keygate"] = self
+    def init_app(self, app: Flask, store: KeyStore | None = None, *, lookup: KeyLookup | None = None) -> None:
+        """Set this extension up for ``app``: its store (checked: an uninitialised store is
+        a ``ConfigError`` now, not a failure per request), scopes, realm, and the handler
+        that renders refusals (unless the app registered one for ``KeygateError``)."""
+        config = app.config
+        if store is None and self._store is not None:
+            store, lookup = self._store, lookup or self._lookup
+        if store is None:
+            url = config.get("KEYGATE_DATABASE_URL")
+            if not url:
+                raise ConfigError("KeyAuth needs a key store: KeyAuth(app, store=...), "
+                                  "init_app(app, store) or KEYGATE_DATABASE_URL in app.config")
+            try:
+                store = open_store(str(url))
+            except ConfigError as e:
+                raise ConfigError(f"KEYGATE_DATABASE_URL: {e.detail}") from None
+        check_schema(store)
+        try:
+            scopes = Scopes.coerce(
+                self._scopes if self._scopes is not None else config.get("KEYGATE_SCOPES"),
+                self._superscope if self._superscope is not None else config.get("KEYGATE_SUPERSCOPE"),
+            )
+        except ValueError as e:
+            raise ConfigError(f"KEYGATE_SCOPES/KEYGATE_SUPERSCOPE: {e}") from None
+        realm = self._realm if self._realm is not None else check_realm(config.get("KEYGATE_REALM"))
+        app.extensions["keygate"] = KeyAuthState(self, store, lookup or store, scopes, realm)
+        if KeygateError not in app.error_handler_spec[None][None]:
+            app.register_error_handler(KeygateError, self._handle_error)
+
+    # -- per-app state ----------------------------------------------------------
+
+    def state(self, app: Flask | None = None) -> KeyAuthState:
+        """This extension's state for ``app`` (default: the current app)."""
+        if app is None:
+            app = current_app._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+        state: KeyAuthState | None = app.extensions.get("keygate")
+        if state is None or getattr(state, "auth", None) is not self:
+            raise RuntimeError("this KeyAuth is not set up for this app: call auth.init_app(app)")
+        return state
+
+    @property
+    def store(self) -> KeyStore:
+        """The current app's store; outside an app context, the one given to ``KeyAuth()``."""
+        if has_app_context():
+            return self.state().store
+        if self._store is None:
+            raise RuntimeError("no store outside an app context: use auth.state(app).store")
+        return self._store
+
+    @property
+    def lookup(self) -> KeyLookup:
+        return self.state().lookup if has_app_context() else (self._lookup or self.store)
+
+    @property
+    def scopes(self) -> Scopes:
+        """The current app's scope vocabulary (outside an app context, the one given to ``KeyAuth()``)."""
+        if has_app_context():
+            return self.state().scopes
+        return self._closed_vocabulary or Scopes.coerce(None, self._superscope)
+
+    # -- configuration ------------------------------------------------------------
 
     def add_source(self, source: CredentialSource) -> None:
+        if any(s.kind == source.kind for s in self.sources):
+            raise ValueError(f"a credential source of kind {source.kind!r} is already configured")
         self.sources.append(source)
 
     def after_authentication(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
@@ -110,53 +195,118 @@ class KeyAuth:
         self._on_failure.append(hook)
         return hook
 
-    def authenticate(self, scope: str | None, accept: tuple[str, ...] = ("header",)) -> Principal:
-        """Authenticate and authorise the current request for ``scope``."""
+    def error_handler(self, render: ErrorRenderer) -> ErrorRenderer:
+        """Register ``render(error)`` to answer refusals instead of problem+json: it returns
+        anything a view may return. The error's own headers (the challenge, ``Retry-After``)
+        are added to its response unless it sets them itself."""
+        self._render = render
+        return render
+
+    def _handle_error(self, error: KeygateError) -> ResponseReturnValue:
+        if self._render is None:
+            return problem_response(error)
+        response: Response = current_app.make_response(current_app.ensure_sync(self._render)(error))
+        for name, value in error.headers().items():
+            response.headers.setdefault(name, value)
+        return response
+
+    # -- the request path -----------------------------------------------------------
+
+    def _accepted(self, accept: Iterable[str] | None) -> tuple[str, ...]:
+        if accept is None:
+            return tuple(s.kind for s in self.sources if s.accepted_by_default)
+        accepted = tuple(accept)
+        unknown = sorted(set(accepted) - {s.kind for s in self.sources})
+        if unknown:
+            raise ValueError(f"no credential source of kind {', '.join(map(repr, unknown))}")
+        return accepted
+
+    def authenticate(self, scope: str | None, accept: Iterable[str] | None = None) -> Principal:
+        """Authenticate and authorise the current request for ``scope`` via the sources of
+        kinds ``accept`` (default: those accepted by default); raise a ``KeygateError``."""
+        return self._authorise(scope, self._accepted(accept))
+
+    def _authorise(self, scope: str | None, accept: tuple[str, ...]) -> Principal:
+        state = self.state()
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
         try:
-            principal = self._authenticate(scope, accept)
+            principal = self._authenticate(state, req, scope, accept)
             for hook in self._after_auth:
                 hook(principal)
         except KeygateError as e:
             for failure_hook in self._on_failure:
                 failure_hook(e)
             raise
+        # Only an authorised request gets a principal: after-request hooks, logs and the
+        # response see none on a refusal.
+        g.principal = principal
+        req.environ[PRINCIPAL_ENVIRON_KEY] = principal
         return principal
 
-    def _authenticate(self, scope: str | None, accept: tuple[str, ...]) -> Principal:
-        req = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per use
+    def _authenticate(self, state: KeyAuthState, req: Request, scope: str | None,
+                      accept: tuple[str, ...]) -> Principal:
         found = [(src, value) for src in self.sources if (value := src.extract(req)) is not None]
         if not found:
             wanted = " or ".join(s.description for s in self.sources if s.kind in accept)
-            raise MissingCredentials(f"Send a credential in {wanted}.")
+            raise self._challenged(MissingCredentials(f"Send a credential in {wanted}."), state,
+                                   None, accept, refused=False)
         if len(found) > 1:
             raise MultipleCredentials(
                 "Send exactly one credential: " + " or ".join(s.description for s, _ in found) + "."
             )
         source, value = found[0]
-        principal = source.authenticate(value, self)
+        try:
+            principal = source.authenticate(value, state)
+        except AuthenticationError as e:
+            raise self._challenged(e, state, source, accept, refused=True) from None
         if principal.record.allowed_ips:
             check_ip(principal.record, req.remote_addr)
-        g.principal = principal
-        req.environ[PRINCIPAL_ENVIRON_KEY] = principal  # for WSGI-level readers (responses, logs)
         if source.kind not in accept:
             needs = "" if scope is None else f"; it needs the {scope!r} scope"
             via = " or ".join(s.description for s in self.sources if s.kind in accept)
             raise InsufficientScope(f"{source.description} can't open this resource{needs} via {via}",
                                     scope=scope)
-        if scope is not None and not grants(principal.scopes, scope):
+        if scope is not None and not state.scopes.grants(principal.scopes, scope):
             raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
         return principal
 
-    def require(self, scope: str | None, *, accept: Iterable[str] = ("header",)) -> Callable[[F], F]:
+    def _challenged(self, error: AuthenticationError, state: KeyAuthState, source: CredentialSource | None,
+                    accept: tuple[str, ...], refused: bool) -> AuthenticationError:
+        """``error`` with its challenge: the refusing source's, or, when it has none (or
+        nothing was sent), those of the sources the route accepts."""
+        if error.challenge is None:
+            if source is not None and source.scheme is not None:
+                candidates = [source]
+            else:
+                candidates = [s for s in self.sources if s.scheme is not None and s.kind in accept] \
+                    or [s for s in self.sources if s.scheme is not None]
+            challenges = [c for s in candidates if (c := s.challenge(state.realm, refused))]
+            error.challenge = ", ".join(challenges) or None
+        return error
+
+    def require(self, scope: str | None, *, accept: Iterable[str] | None = None) -> Callable[[F], F]:
         """Decorator: the view runs only for a caller holding ``scope`` via an accepted
-        source; ``None`` admits any valid credential."""
-        accepted = tuple(accept)
+        source (default: every source accepted by default); ``None`` admits any valid
+        credential. Async views work too (Flask's ``ensure_sync``)."""
+        accepted = self._accepted(accept)
+        vocabulary = self._closed_vocabulary
+        if scope is not None and not is_scope(scope):
+            raise ValueError(f"not a valid scope name: {scope!r}")
+        if scope is not None and vocabulary is not None and vocabulary.closed and scope not in vocabulary:
+            raise ValueError(f"unknown scope {scope!r}; known scopes: {', '.join(vocabulary.names)}")
 
         def decorator(view: F) -> F:
+            is_async = inspect.iscoroutinefunction(view)
+
             @functools.wraps(view)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                self.authenticate(scope, accepted)
-                return view(*args, **kwargs)
+                self._authorise(scope, accepted)
+                try:
+                    if is_async:
+                        return current_app.ensure_sync(view)(*args, **kwargs)
+                    return view(*args, **kwargs)
+                except AuthenticationError as e:  # a 401 from the view (a key revoked meanwhile)
+                    raise self._challenged(e, self.state(), None, accepted, refused=True)
 
             wrapper.required_scope = scope  # type: ignore[attr-defined]
             wrapper.accepted_sources = accepted  # type: ignore[attr-defined]
@@ -166,31 +316,6 @@ class KeyAuth:
 
 
 def current_principal() -> Principal | None:
-    return g.get("principal")
-
-
-class QueryToken(CredentialSource):
-    """A signed query token in the ``token`` query argument (see ``keys.tokens``)."""
-
-    kind = "token"
-
-    def __init__(self, signer: TokenSigner, arg: str = "token") -> None:
-        self.signer = signer
-        self.arg = arg
-        self.description = f"the {arg!r} query argument"
-        self._only_arg = arg + "="
-
-    def extract(self, req: Request) -> str | None:
-        query = req.environ.get("QUERY_STRING")
-        if not query:
-            return None  # the common case costs no query parsing
-        if query.startswith(self._only_arg):
-            # ``?token=…`` and nothing else, with nothing to decode: the value is the rest,
-            # exactly what werkzeug's parse would give, without building a MultiDict.
-            value = query[len(self._only_arg):]
-            if value.isascii() and "&" not in value and "%" not in value and "+" not in value:
-                return value
-        return req.args.get(self.arg)
-
-    def authenticate(self, value: str, auth: KeyAuth) -> Principal:
-        return self.signer.verify(auth.lookup, value)
+    """The authorised caller of the current request, ``None`` when there is none."""
+    principal: Principal | None = g.get("principal")
+    return principal

@@ -71,25 +71,23 @@ class InvalidRequest(BadRequest):
 
 # -- 401 ---------------------------------------------------------------------
 
-REALM = "keygate"
-
 
 class AuthenticationError(KeygateError):
-    """No acceptable credential; every one of these carries a challenge."""
+    """No acceptable credential. ``KeyAuth`` sets ``challenge`` (RFC 9110 §11.6.1) from the
+    credential sources involved, whose scheme and realm the app chose."""
 
     status = 401
+    #: The ``WWW-Authenticate`` value to answer with; ``None`` until ``KeyAuth`` sets it.
+    challenge: str | None = None
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": f'ApiKey realm="{REALM}", error="invalid_token"'}
+        return {} if self.challenge is None else {"WWW-Authenticate": self.challenge}
 
 
 class MissingCredentials(AuthenticationError):
     code = "missing_credentials"
     title = "Credentials required"
-    default_detail = "Send an API key in the API-Key header."
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": f'ApiKey realm="{REALM}"'}
+    default_detail = "Send a credential."
 
 
 class InvalidCredentials(AuthenticationError):

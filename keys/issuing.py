@@ -14,7 +14,7 @@ from .exc import InvalidCredentials, InvalidRequest, NotFound
 from .keyformat import generate_key, hash_key, is_key_id
 from .model import AuditEvent, KeyRecord
 from .parse import parse_name, parse_networks, parse_rate_limit
-from .scopes import parse_scopes
+from .scopes import ANY_SCOPE, Scopes
 from .store.base import KeyStore
 from .verify import match_key
 
@@ -27,7 +27,7 @@ class IssuedKey(NamedTuple):
 
 
 def cli_actor() -> str:
-    """``cli:<os user>``: who acted when the change came from ``manage.py``."""
+    """``cli:<os user>``: who acted when the change came from a command line (the default actor)."""
     try:
         user = getpass.getuser()
     except (OSError, KeyError):
@@ -45,9 +45,13 @@ def issue_key(
     allowed_ips: Iterable[str] = (),
     actor: str | None = None,
     now: float | None = None,
+    vocabulary: Scopes = ANY_SCOPE,
 ) -> IssuedKey:
     """Validate, generate and store a key. The plaintext is returned only after
-    the store has durably committed it, so a key that was shown is a key that works."""
+    the store has durably committed it, so a key that was shown is a key that works.
+
+    ``vocabulary`` is the app's ``Scopes`` (``auth.scopes``); the default takes any
+    well-formed scope names."""
     now = time.time() if now is None else now
     canonical_rate = None if rate_limit is None else str(parse_rate_limit(rate_limit))
     key = generate_key()
@@ -55,7 +59,7 @@ def issue_key(
         id=key.key_id,
         name=parse_name(name),
         key_hash=hash_key(key.plaintext),
-        scopes=parse_scopes(scopes),
+        scopes=vocabulary.parse(scopes),
         created_at=now,
         expires_at=None if expires_in is None else now + expires_in,
         rate_limit=canonical_rate,

@@ -30,13 +30,13 @@ import re
 import struct
 import threading
 import time
-import weakref
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .exc import ConfigError, StoreUnavailable
+from .forking import after_fork_in_child
 from .parse import RateLimit
 
 log = logging.getLogger("keygate.ratelimit")
@@ -142,9 +142,8 @@ class SharedMemoryLimiter(Limiter):
             os.close(self._fd)
             raise
         self._thread_lock = threading.Lock()  # flock does not exclude threads of one process
-        self._memos: dict[str, dict[str, list]] = {}
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
+        self._memos: dict[str, dict[str, list[Any]]] = {}
+        after_fork_in_child(self._after_fork)
 
     def _after_fork(self) -> None:
         """A forked child opens the table again: ``flock`` locks belong to the open file
@@ -185,7 +184,7 @@ class SharedMemoryLimiter(Limiter):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         return limit_state(allowed, ahead, limit, interval)
 
-    def _cell(self, name: str, namespace: str, memo: dict[str, list]) -> list:
+    def _cell(self, name: str, namespace: str, memo: dict[str, list[Any]]) -> list[Any]:
         """``[cell name, first probe offset, last known offset]`` for a counter, kept per
         process so a hit skips the encoding, the hash and (usually) the probing."""
         raw = name.encode()
@@ -231,7 +230,7 @@ def _open_table(path: Path, size: int, header: bytes) -> int:
     mapping past the end of a shrunk file is SIGBUS. ``<path>.lock`` serialises the
     replacement, so processes starting together agree on one table.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -305,5 +304,4 @@ def open_limiter(storage_url: str | None, instance_path: str | os.PathLike[str],
         from .ratelimit_redis import RedisLimiter
 
         return RedisLimiter(storage_url, prefix=prefix)
-    raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: unknown storage {scheme or storage_url[:30]!r}; "
-                      "use redis://host:port")
+    raise ConfigError(f"unknown rate-limit storage {scheme or storage_url[:30]!r}; use redis://host:port")

@@ -20,13 +20,13 @@ idle counters cost no memory.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 from .exc import ConfigError
+from .forking import after_fork_in_child
 from .parse import RateLimit
 from .ratelimit import KEY_NAMESPACE, Limiter, LimitState, RateLimitUnavailable, check_namespace, limit_state
 
@@ -89,13 +89,13 @@ class RedisLimiter(Limiter):
         try:
             check_prefix(prefix)
         except ValueError as e:
-            raise ConfigError(f"KEYGATE_RATELIMIT_PREFIX: {e}") from None
+            raise ConfigError(f"rate-limit key prefix: {e}") from None
         try:
             import redis
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
-            raise ConfigError("KEYGATE_RATELIMIT_STORAGE_URL: redis:// needs the redis package "
+            raise ConfigError("redis:// needs the redis package "
                               "(pip install 'keygate[redis]')") from None
         if url.startswith("redis+unix://"):  # the scheme keygate has always accepted
             url = "unix://" + url[len("redis+unix://"):]
@@ -109,7 +109,7 @@ class RedisLimiter(Limiter):
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             )
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"KEYGATE_RATELIMIT_STORAGE_URL: {e}") from None
+            raise ConfigError(str(e)) from None
         self._redis = redis
         self._sha = _sha1(GCRA_LUA)
         self.prefix = prefix
@@ -120,7 +120,7 @@ class RedisLimiter(Limiter):
         self._local = threading.local()
         self._connections: set[Any] = set()
         self._lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._after_fork)
+        after_fork_in_child(self._after_fork)
 
     def _connection(self) -> Any:
         conn = getattr(self._local, "conn", None)
@@ -168,11 +168,10 @@ class RedisLimiter(Limiter):
     def hit(self, name: str, limit: RateLimit, now: float | None = None,
             namespace: str = KEY_NAMESPACE) -> LimitState:
         interval = limit.period / limit.amount
-        args = self._args.get(limit)
-        if args is None:  # repr: the shortest text that parses back to the same double
-            args = self._args[limit] = (str(limit.period).encode(), repr(interval).encode())
-        if now is not None:
-            args = (*args, repr(float(now)).encode())
+        fixed = self._args.get(limit)
+        if fixed is None:  # repr: the shortest text that parses back to the same double
+            fixed = self._args[limit] = (str(limit.period).encode(), repr(interval).encode())
+        args: tuple[bytes, ...] = fixed if now is None else (*fixed, repr(float(now)).encode())
         try:
             allowed, ahead = self._evalsha(self.cell(name, namespace), args)
         except self._redis.RedisError as e:

@@ -33,7 +33,7 @@ def _redact_pair(m: re.Match[str]) -> str:
 
 
 def redact(text: str) -> str:
-    """``/data?token=abc&x=1`` → ``/data?token=[REDACTED]&x=1``; bare keys and tokens likewise."""
+    """``/files?token=abc&x=1`` → ``/files?token=[REDACTED]&x=1``; bare keys and tokens likewise."""
     # Each pattern runs only where what it needs is there: most log values (a path, a
     # User-Agent) hold no "=", no "kg_" and not the four dots of a token.
     if "=" in text:

@@ -34,7 +34,7 @@ from itsdangerous.signer import HMACAlgorithm
 from .exc import InsufficientScope, InvalidRequest, InvalidToken, KeygateError, TokenExpired
 from .keyformat import looks_like_key
 from .model import AuditEvent, KeyRecord, Principal, isoformat
-from .scopes import grants, parse_scopes
+from .scopes import ANY_SCOPE, Scopes
 from .store.base import KeyStore
 from .verify import KeyLookup, check_live
 
@@ -98,13 +98,17 @@ def _decode_scopes(text: str) -> tuple[str, ...]:
 
 
 class TokenSigner:
-    """Mints and checks query tokens against a key store."""
+    """Mints and checks query tokens against a key store.
 
-    def __init__(self, secret_keys: Sequence[str], max_ttl: int = 86400) -> None:
+    ``scopes`` is the app's vocabulary: what a token may be narrowed to, and whether
+    a key's superscope lets it mint a token for any scope."""
+
+    def __init__(self, secret_keys: Sequence[str], max_ttl: int = 86400, scopes: Scopes = ANY_SCOPE) -> None:
         if not secret_keys:
             raise ValueError("at least one secret key is required")
         self._signer = _TokenSigner(secret_keys)
         self.max_ttl = max_ttl
+        self.scopes = scopes
 
     def mint(
         self,
@@ -119,12 +123,10 @@ class TokenSigner:
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
             raise InvalidRequest("ttl must be a positive whole number of seconds", field="ttl")
         if ttl > self.max_ttl:
-            raise InvalidRequest(
-                f"ttl must be at most {self.max_ttl} seconds (KEYGATE_TOKEN_MAX_TTL)", field="ttl"
-            )
-        granted = record.scopes if scopes is None else parse_scopes(scopes)
+            raise InvalidRequest(f"ttl must be at most {self.max_ttl} seconds", field="ttl")
+        granted = record.scopes if scopes is None else self.scopes.parse(scopes)
         for scope in granted:
-            if not grants(record.scopes, scope):
+            if not self.scopes.grants(record.scopes, scope):
                 raise InsufficientScope(f"the key does not hold the {scope!r} scope", scope=scope)
         now = time.time() if now is None else now
         expires_at = math.floor(now) + ttl
@@ -139,10 +141,7 @@ class TokenSigner:
             payload = self._signer.unsign(token)
         except BadSignature:
             if looks_like_key(token):
-                raise InvalidToken(
-                    "An API key is never accepted in a URL: send it in the API-Key header, "
-                    "or mint a query token with POST /tokens."
-                ) from None
+                raise InvalidToken("An API key is never accepted as a query token.") from None
             raise InvalidToken() from None
         # Only this class signs with this salt, so a payload that doesn't parse is a bug or
         # a secret shared with something else: refused, never a 500.
@@ -155,8 +154,8 @@ class TokenSigner:
         now = time.time() if now is None else now
         if expires_n <= now:
             raise TokenExpired()
-        if expires_n > now + self.max_ttl + 60:  # minted before KEYGATE_TOKEN_MAX_TTL was lowered
-            raise InvalidToken("The token outlives KEYGATE_TOKEN_MAX_TTL.")
+        if expires_n > now + self.max_ttl + 60:  # minted before max_ttl was lowered
+            raise InvalidToken("The token outlives the longest lifetime now allowed.")
         record = store.get(key_id)
         if record is None or record.generation != generation_n:
             raise InvalidToken("The token's key has been revoked or rotated.")

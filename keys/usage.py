@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import Counter
 
+from .forking import after_fork_in_child
 from .store.base import KeyStore
 
 log = logging.getLogger("keygate.usage")
@@ -32,8 +31,7 @@ class UsageRecorder:
         self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
         self.flushes = 0  # store writes made, for tests and metrics
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
+        after_fork_in_child(self._after_fork)
 
     def hit(self, key_id: str, now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -49,7 +49,7 @@ def assert_metadata(meta: dict, *, with_key: bool = False) -> None:
 def assert_no_secrets(text: str, store) -> None:  # noqa: ANN001
     """No key hash of any stored key appears in ``text``."""
     after = None
-    while page := store.list(limit=500, after=after):
+    while page := store.list_keys(limit=500, after=after):
         for record in page:
             assert record.key_hash not in text
         after = page[-1].id

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 
+from api.scopes import ADMIN, ALL_SCOPES, DATA_READ, SCOPES, SECRET_READ
 from keys.exc import InvalidRequest
 from keys.parse import (
     MAX_DURATION,
@@ -17,7 +18,9 @@ from keys.parse import (
     parse_networks,
     parse_rate_limit,
 )
-from keys.scopes import ADMIN, ALL_SCOPES, DATA_READ, SECRET_READ, grants, parse_scopes
+
+# The service's vocabulary (the library has none of its own: tests/test_library.py).
+parse_scopes, grants = SCOPES.parse, SCOPES.grants
 
 
 def refused(func, value, field: str) -> InvalidRequest:  # noqa: ANN001

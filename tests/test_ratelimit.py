@@ -418,8 +418,8 @@ def test_open_limiter_picks_the_backend(tmp_path):
         assert isinstance(lim, RedisLimiter)
         assert lim.cell("abc123def456") == "tenant-a:rl:key:{abc123def456}"
         lim.close()
-    with pytest.raises(ConfigError, match="KEYGATE_RATELIMIT_STORAGE_URL"):
-        open_limiter("mongodb://127.0.0.1", tmp_path)
+    with pytest.raises(ConfigError, match="unknown rate-limit storage 'mongodb'"):
+        open_limiter("mongodb://127.0.0.1", tmp_path)  # the service adds the variable's name
 
 
 # ---------------------------------------------------------------------------------------

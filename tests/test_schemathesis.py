@@ -68,6 +68,7 @@ from schemathesis.config import SchemathesisConfig
 
 import keys
 from api import create_app
+from api.scopes import SCOPES
 from keys import keyformat
 from keys.keyformat import generate_key
 from keys.tokens import TokenSigner
@@ -154,7 +155,7 @@ def _accepts(case: Any, scheme: str) -> bool:
 def _wrong_credentials(store: keys.KeyStore) -> Iterator[tuple[str, str]]:
     """(where, value) forever: every kind of wrong credential, in turn."""
     admin = TARGET.admin
-    forged = TokenSigner([secrets.token_urlsafe(36)]).mint(store.get(admin[3:15]), ["data:read"]).token
+    forged = TokenSigner([secrets.token_urlsafe(36)], scopes=SCOPES).mint(store.get(admin[3:15]), ["data:read"]).token
     return itertools.cycle([
         ("header", "kg_not_a_real_key"),                                        # malformed
         ("header", admin[:-1] + ("x" if admin[-1] != "x" else "y")),            # mistyped

@@ -11,11 +11,11 @@ from keys import KeyAuth, get_key, issue_key, revoke_key
 from keys.exc import InvalidRequest
 from keys.issuing import rotate_key
 from keys.keyformat import is_key_id
-from keys.scopes import ADMIN
 from keys.usage import UsageRecorder
 
 from ..bodies import int_arg, json_body, optional_string, seconds, string_list
 from ..restx import Resource
+from ..scopes import ADMIN, SCOPES
 
 ADMIN_ONLY = [{"apiKey": []}]
 
@@ -64,7 +64,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             after = request.args.get("after")
             if after is not None and not is_key_id(after):
                 raise InvalidRequest("after must be a key id", field="after")
-            page = store.list(limit=limit, after=after)
+            page = store.list_keys(limit=limit, after=after)
             return {"keys": [r.metadata() for r in page],
                     "next": page[-1].id if len(page) == limit else None}
 
@@ -86,6 +86,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
                 allowed_ips=string_list(body["allowed_ips"], "allowed_ips")
                 if body.get("allowed_ips") is not None else [],
                 actor=_actor(),
+                vocabulary=SCOPES,
             )
             return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
                     {"Location": f"/admin/keys/{issued.record.id}"})

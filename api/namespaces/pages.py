@@ -8,9 +8,9 @@ from flask import g
 from flask_restx import Namespace, fields
 
 from keys import KeyAuth
-from keys.scopes import ADMIN, DATA_READ, SECRET_READ
 
 from ..restx import Resource
+from ..scopes import ADMIN, DATA_READ, SECRET_READ
 
 HEADER_ONLY = [{"apiKey": []}]
 HEADER_OR_TOKEN = [{"apiKey": []}, {"token": []}]

@@ -14,8 +14,7 @@ def open_store(url: str) -> KeyStore:
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if scheme not in ("sqlite", "postgresql", "postgres"):
         raise ConfigError(
-            f"KEYGATE_DATABASE_URL: unsupported database {scheme[:20]!r}; "
-            "use sqlite:///path, postgresql://host/db or memory://"
+            f"unsupported database {scheme[:20]!r}; use sqlite:///path, postgresql://host/db or memory://"
         )
     if scheme == "postgres":  # Heroku-style alias
         url = "postgresql" + url[len("postgres"):]

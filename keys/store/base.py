@@ -39,7 +39,7 @@ class KeyStore(ABC):
         """The key with this id, or ``None``."""
 
     @abstractmethod
-    def list(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
         """Keys ordered by id; ``after`` is the last id of the previous page."""
 
     @abstractmethod

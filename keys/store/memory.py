@@ -55,7 +55,7 @@ class MemoryKeyStore(KeyStore):
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
 
-    def list(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
         with self._lock:
             start = bisect.bisect_right(self._ids, after) if after is not None else 0
             stop = None if limit is None else start + limit

@@ -80,6 +80,19 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+def _create_private_file(path: str) -> None:
+    """Create a new SQLite file (and its missing directories) readable by its owner only:
+    it holds key hashes. SQLite gives its WAL and shared-memory files the same mode."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass  # an existing store keeps the mode its owner gave it
+    except OSError:
+        pass  # unwritable here: SQLite's own error, on first use, says so
+
+
 def _insert_event(conn: sa.Connection, event: AuditEvent | None) -> None:
     if event is not None:
         conn.execute(audit_table.insert().values(
@@ -126,12 +139,12 @@ class SqlKeyStore(KeyStore):
             sa_url = sa.make_url(url)
         except (sa.exc.ArgumentError, ValueError):  # ValueError: a non-numeric port
             shown = re.sub(r"(://[^:/@]*:).*@", r"\1***@", url)  # never echo a password
-            raise ConfigError(f"KEYGATE_DATABASE_URL: cannot parse {shown!r}") from None
+            raise ConfigError(f"cannot parse the database URL {shown!r}") from None
         if sa_url.get_backend_name() == "postgresql" and sa_url.drivername == "postgresql":
             sa_url = sa_url.set(drivername="postgresql+psycopg")
         self.backend = sa_url.get_backend_name()
         if self.backend == "sqlite" and sa_url.database not in (None, "", ":memory:"):
-            os.makedirs(os.path.dirname(os.path.abspath(sa_url.database)), exist_ok=True)
+            _create_private_file(sa_url.database)
         if self.backend == "postgresql":
             # Per gunicorn worker: one reader connection per serving thread (held) plus a
             # small pool for management writes; pre-ping survives a database restart.
@@ -145,7 +158,7 @@ class SqlKeyStore(KeyStore):
             in_memory = self.backend == "sqlite" and sa_url.database in (None, "", ":memory:")
             self._readers = self.engine if in_memory else sa.create_engine(sa_url, poolclass=sa.pool.NullPool)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
-            raise ConfigError(f"KEYGATE_DATABASE_URL: unsupported database URL ({e})") from None
+            raise ConfigError(f"unsupported database URL ({e})") from None
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
             if self._readers is not self.engine:
@@ -171,6 +184,7 @@ class SqlKeyStore(KeyStore):
         if conn is None:
             fairy = self._readers.raw_connection()
             conn = fairy.driver_connection
+            assert conn is not None  # a live pooled connection has its driver's
             if self._readers is not self.engine:
                 fairy.detach()  # the thread owns it now; it closes when the thread's state goes
             if self.backend != "sqlite":
@@ -284,7 +298,7 @@ class SqlKeyStore(KeyStore):
             conn.execute(keys_table.insert().values(**_record_to_row(record)))
             _insert_event(conn, event)
 
-    def list(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
         stmt = sa.select(keys_table).order_by(keys_table.c.id)
         if after is not None:
             stmt = stmt.where(keys_table.c.id > after)
@@ -366,7 +380,7 @@ class SqlKeyStore(KeyStore):
 
     def auth_failures(self) -> dict[str, int]:
         with self._read() as conn:
-            return {r.code: r.count for r in conn.execute(sa.select(failures_table))}
+            return {code: count for code, count in conn.execute(sa.select(failures_table))}
 
     def count(self) -> int:
         with self._read() as conn:
