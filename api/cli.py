@@ -29,7 +29,7 @@ from keys.parse import format_duration, parse_duration
 from keys.tokens import TokenSigner, mint_token
 from keys.store import KeyStore
 
-from .config import load_serve_settings, load_settings
+from .config import default_threads, load_serve_settings, load_settings
 from .scopes import ADMIN, ALL_SCOPES, SCOPES
 
 
@@ -269,7 +269,7 @@ def audit(key_id: str | None, limit: int, as_json: bool) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """One clear line now, rather than gunicorn retrying and logging for five seconds."""
+    """One clear line now, rather than the server failing to bind in every worker."""
     import socket
 
     try:
@@ -291,18 +291,23 @@ def _check_port_free(host: str, port: int) -> None:
               help="Port to listen on.  [default: KEYGATE_PORT, else PORT, else 5000]")
 @click.option("--workers", type=click.IntRange(1, 64),
               help="Worker processes.  [default: KEYGATE_WORKERS, else one per core]")
+@click.option("--threads", type=click.IntRange(1, 64),
+              help="Python threads per worker.  [default: KEYGATE_THREADS, else 1, or 4 with "
+              "PostgreSQL or Redis]")
 @click.option("--certfile", metavar="PEM", help="Serve HTTPS with this certificate (chain), and --keyfile.  "
               "[default: KEYGATE_TLS_CERT]")
 @click.option("--keyfile", metavar="PEM", help="The certificate's private key.  [default: KEYGATE_TLS_KEY]")
-def serve(host: str | None, port: int | None, workers: int | None, certfile: str | None,
-          keyfile: str | None) -> None:
+def serve(host: str | None, port: int | None, workers: int | None, threads: int | None,
+          certfile: str | None, keyfile: str | None) -> None:
     """Run the production server (granian)."""
-    where = load_serve_settings(host=host, port=port, workers=workers, certfile=certfile, keyfile=keyfile)
+    where = load_serve_settings(host=host, port=port, workers=workers, threads=threads,
+                                certfile=certfile, keyfile=keyfile)
     _store().close()  # fail here, in one line, rather than in every worker
     from .app import open_configured_limiter
 
     # The limit store's URL too (a bad port, say): it is only parsed when opened.
-    open_configured_limiter(load_settings()).close()
+    settings = load_settings()
+    open_configured_limiter(settings).close()
     _check_port_free(where.host, where.port)
     from .server import ServeOptions
     from .server import serve as run
@@ -312,4 +317,5 @@ def serve(host: str | None, port: int | None, workers: int | None, certfile: str
     click.echo(f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
                f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)", err=True)
     run(ServeOptions(host=where.host, port=where.port, workers=where.workers,
+                     threads=where.threads or default_threads(settings),
                      certfile=where.certfile, keyfile=where.keyfile))

@@ -114,6 +114,17 @@ class ServeSettings:
     workers: int
     certfile: Path | None
     keyfile: Path | None
+    threads: int | None = None  # None: as the backends need (``default_threads``)
+
+
+def default_threads(settings: Settings) -> int:
+    """Python threads per worker when ``serve`` isn't told: one while every request is
+    answered from this host (SQLite or memory, the embedded limiter), where more threads
+    only fight over the GIL; four once a request may wait on the network (PostgreSQL,
+    Redis), so that wait isn't the whole worker's (measured: bench/README.md)."""
+    local_store = settings.database_url.startswith(("sqlite:", "memory:"))
+    local_limits = settings.ratelimit_storage_url in (None, "memory://")
+    return 1 if local_store and local_limits else 4
 
 
 def default_workers() -> int:
@@ -156,7 +167,7 @@ def _pem_files(certfile: str | None, keyfile: str | None, names: tuple[str, str]
 
 def load_serve_settings(
     *, host: str | None = None, port: int | None = None, workers: int | None = None,
-    certfile: str | None = None, keyfile: str | None = None,
+    threads: int | None = None, certfile: str | None = None, keyfile: str | None = None,
 ) -> ServeSettings:
     """``serve``'s options win, then ``KEYGATE_*`` (``PORT`` after ``KEYGATE_PORT``, as
     platforms that assign a port set it), then 127.0.0.1:5000 and a worker per core."""
@@ -169,6 +180,8 @@ def load_serve_settings(
                 break
     if workers is None and env.get("KEYGATE_WORKERS"):
         workers = _whole_number(env["KEYGATE_WORKERS"], "KEYGATE_WORKERS", 1, 64, "a number of workers")
+    if threads is None and env.get("KEYGATE_THREADS"):
+        threads = _whole_number(env["KEYGATE_THREADS"], "KEYGATE_THREADS", 1, 64, "a number of threads")
     names = ("--certfile", "--keyfile") if certfile or keyfile else ("KEYGATE_TLS_CERT", "KEYGATE_TLS_KEY")
     if not (certfile or keyfile):
         certfile, keyfile = env.get("KEYGATE_TLS_CERT"), env.get("KEYGATE_TLS_KEY")
@@ -179,6 +192,7 @@ def load_serve_settings(
         workers=default_workers() if workers is None else workers,
         certfile=cert,
         keyfile=key,
+        threads=threads,
     )
 
 

@@ -21,10 +21,6 @@ from keys.redact import redact
 
 from .accesslog import AccessLog, WSGIApp
 
-#: Python threads per worker running requests. Enough that one request waiting on a
-#: slow backend (up to its 1-2 s timeout) doesn't stall the worker; few enough that the
-#: GIL isn't fought over (measured in bench/README.md).
-THREADS = 4
 #: Descriptors kept back from connections for the store, logs and the rate-limit table.
 RESERVED_FDS = 256
 #: Request line plus headers, bytes; beyond it, 431 from the server. An 8 KB API-Key
@@ -45,7 +41,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 5000
     workers: int = 1
-    threads: int = THREADS
+    threads: int = 1  # Python threads per worker running requests (``config.default_threads``)
     certfile: Path | None = None
     keyfile: Path | None = None
 
@@ -118,7 +114,7 @@ def connection_budget() -> int:
     """How many connections a worker accepts at once (granian's ``backpressure``).
 
     granian counts connections here, not requests: an idle keep-alive connection holds
-    its share until the header timeout closes it. Requests are bounded by ``THREADS``
+    its share until the header timeout closes it. Requests are bounded by the threads
     anyway, so the budget is as many connections as the worker may hold descriptors for:
     the soft descriptor limit is raised to the hard one first, as servers do.
     """

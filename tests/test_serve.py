@@ -65,7 +65,7 @@ class HeldConnections:
 
 @slow
 def test_idle_and_slow_clients_cost_no_worker(env, key, start_server):
-    """One worker, four threads: thirty connections that never finish a request still leave
+    """One worker, one thread: thirty connections that never finish a request still leave
     every request answered at once."""
     server = start_server(workers=1)
     held = HeldConnections(server.port, idle=20, slow=10)
@@ -250,3 +250,20 @@ def test_a_bad_port_variable_stops_serve_in_one_line(env, key):
     result = run_cli({**env, "KEYGATE_PORT": "http"}, "serve", timeout=30)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "KEYGATE_PORT" in result.stderr
+
+
+def test_threads_follow_the_backends(monkeypatch):
+    """One thread while every answer comes from this host; a few once requests may wait on
+    the network, so one slow round trip isn't the whole worker's."""
+    from api.config import default_threads, load_settings
+
+    assert default_threads(load_settings({"DATABASE_URL": "sqlite:///x.db"})) == 1
+    assert default_threads(load_settings({"DATABASE_URL": "memory://"})) == 1
+    assert default_threads(load_settings({"DATABASE_URL": "postgresql://db/x"})) == 4
+    assert default_threads(load_settings({"RATELIMIT_STORAGE_URL": "redis://cache:6379/0"})) == 4
+    monkeypatch.setenv("KEYGATE_THREADS", "3")
+    assert load_serve_settings().threads == 3
+    assert load_serve_settings(threads=2).threads == 2
+    monkeypatch.setenv("KEYGATE_THREADS", "0")
+    with pytest.raises(ConfigError, match="KEYGATE_THREADS"):
+        load_serve_settings()
