@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
 import keys.tokens
-from conftest import assert_one_line_failure, run_cli
+from conftest import assert_one_line_failure, invoke_cli
 from keys import InvalidToken, TokenExpired, generate_key, issue_key
 from keys.tokens import TokenSigner
 
@@ -414,7 +414,7 @@ def test_mint_token_cli(env, cli_store, make_app):
     client = make_app(cli_store).test_client()
 
     before = time.time()
-    proc = run_cli(env, "mint-token", key.record.id, "--scope", "data:read", "--ttl", "90s", "--json")
+    proc = invoke_cli(env, "mint-token", key.record.id, "--scope", "data:read", "--ttl", "90s", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"token", "expires_at", "scopes"}
@@ -424,7 +424,7 @@ def test_mint_token_cli(env, cli_store, make_app):
     problem(client.get("/secret", query_string={"token": out["token"]}), 403, "insufficient_scope")
 
     # Without --json: the token alone on stdout (pipe-friendly), the explanation on stderr.
-    proc = run_cli(env, "mint-token", key.record.id)
+    proc = invoke_cli(env, "mint-token", key.record.id)
     assert proc.returncode == 0, proc.stderr
     token = proc.stdout.strip()
     assert "\n" not in token and TOKEN_RE.fullmatch(token) and token.startswith(key.record.id)
@@ -439,19 +439,19 @@ def test_mint_token_cli_refusals(env, cli_store):
     cli_store.revoke(revoked.record.id, time.time())
     capped = {**env, "KEYGATE_TOKEN_MAX_TTL": "1h"}
 
-    assert_clean_failure(run_cli(capped, "mint-token", key.record.id, "--ttl", "2h"), names="ttl")
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--ttl", "25h"), names="ttl")  # default cap 24h
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--ttl", "soon"), names="ttl")
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--scope", "secret:read"), names="secret:read")
-    assert_clean_failure(run_cli(env, "mint-token", generate_key().key_id), names="no key")
-    assert_clean_failure(run_cli(env, "mint-token", revoked.record.id), names="revoked")
+    assert_clean_failure(invoke_cli(capped, "mint-token", key.record.id, "--ttl", "2h"), names="ttl")
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--ttl", "25h"), names="ttl")  # default cap 24h
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--ttl", "soon"), names="ttl")
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--scope", "secret:read"), names="secret:read")
+    assert_clean_failure(invoke_cli(env, "mint-token", generate_key().key_id), names="no key")
+    assert_clean_failure(invoke_cli(env, "mint-token", revoked.record.id), names="revoked")
     assert [e for e in cli_store.events() if e.event == "mint_token"] == []
 
 
 # -- real servers -------------------------------------------------------------------------------
 
 def cli_json(env, *args: str) -> dict:  # noqa: ANN001
-    proc = run_cli(env, *args, "--json")
+    proc = invoke_cli(env, *args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
