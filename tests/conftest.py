@@ -319,9 +319,9 @@ def iso(text: str) -> float:
 
 
 def assert_one_line_failure(proc: subprocess.CompletedProcess[str], *, names: str) -> None:
-    """A refused CLI call: non-zero, no traceback, one line (or click's usage block) naming ``names``."""
+    """A refused CLI call: non-zero, no traceback, one line (click's usage errors too) naming ``names``."""
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 or lines[0].startswith("Usage:"), proc.stderr
+    assert len(lines) == 1, proc.stderr
     assert names in proc.stderr, proc.stderr

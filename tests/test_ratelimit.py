@@ -696,7 +696,7 @@ def test_the_admin_api_rate_limit_flows_through(make_app):
     listed = {k["id"]: k for k in client.get("/admin/keys", headers=h).get_json()["keys"]}
     assert listed[body["id"]]["rate_limit"] == "3/minute"
     unlimited = client.post("/admin/keys", headers=h, json={"name": "u", "scopes": ["secret:read"]})
-    assert unlimited.get_json()["rate_limit"] is None
+    assert unlimited.get_json()["rate_limit"] == "600/minute"  # the default, in force
 
     codes = [client.get("/secret", headers={"API-Key": body["key"]}).status_code for _ in range(3)]
     assert codes == [200] * 3

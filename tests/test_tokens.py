@@ -344,7 +344,8 @@ BAD_BODIES = [
     ("scopes as an object", '{"scopes": {"data:read": true}}', "scopes"),
     ("empty scopes", '{"scopes": []}', "scopes"),
     ("unknown scope", '{"scopes": ["data:write"]}', "scopes"),
-    ("ttl as a string", '{"ttl": "60"}', "ttl"),
+    ("ttl as a word", '{"ttl": "a minute"}', "ttl"),
+    ("ttl as text over the cap", '{"ttl": "2h"}', "ttl"),
     ("ttl as a boolean", '{"ttl": true}', "ttl"),
     ("fractional ttl", '{"ttl": 1.5}', "ttl"),
     ("ttl as a list", '{"ttl": [60]}', "ttl"),
@@ -378,6 +379,15 @@ def test_token_ttl_cap_comes_from_configuration(store, make_app, reader):
     # With a cap under the 900 s default, the default shrinks to the cap rather than failing.
     short = make_app(store, TOKEN_MAX_TTL="60s").test_client()
     assert iso(mint(short, reader)["expires_at"]) <= time.time() + 61
+
+
+@MEMORY_ONLY
+def test_a_ttl_is_seconds_or_a_duration(client, reader):
+    """As everywhere a duration is taken: ``300``, ``"300"`` and ``"5m"`` are the same."""
+    for ttl in (300, "300", "5m", " 5m "):
+        before = time.time()
+        minted = mint(client, reader, ttl=ttl)
+        assert before + 299 <= iso(minted["expires_at"]) <= time.time() + 301, ttl
 
 
 @MEMORY_ONLY
