@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit (1 for a refused operation,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,14 +24,21 @@ from keys import (
     revoke_key,
 )
 from keys.exc import InvalidRequest
-from keys.issuing import cli_actor, rotate_key
+from keys.issuing import cli_actor, not_a_key_id, rotate_key
+from keys.keyformat import PREFIX
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
 from keys.tokens import TokenSigner, mint_token
 from keys.store import KeyStore
 
-from .config import default_threads, load_serve_settings, load_settings
+from .config import Settings, default_threads, load_serve_settings, load_settings
+from .openapi import package_version
 from .scopes import ADMIN, ALL_SCOPES, SCOPES
+
+#: The option a refused field of the key API came from, to name it as the user typed it.
+_OPTION_FOR_FIELD = {"name": "--name", "scopes": "--scope", "expires_in": "--expires-in",
+                     "rate_limit": "--rate-limit", "allowed_ips": "--allow-ip", "ttl": "--ttl",
+                     "grace": "--grace"}
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -39,39 +47,90 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _as_typed(error: InvalidRequest) -> str:
+    """The API's words for a bad field (``rate_limit: …``), naming the option instead."""
+    option = _OPTION_FOR_FIELD.get(error.field or "")
+    field = error.field or ""
+    if option and error.detail.startswith(field) and error.detail[len(field):][:1] in (":", " "):
+        return option + error.detail[len(field):]
+    return error.detail
+
+
+def _reader_went_away() -> NoReturn:
+    """stdout's reader has gone (``list-keys | head -1``): stop quietly, as Unix tools do."""
+    try:  # the interpreter's last flush of stdout must not fail (and complain) again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(141)  # 128 + SIGPIPE: what a shell shows for a tool that stopped this way
+
+
 class Cli(click.Group):
-    """Turns every expected failure into one line on stderr."""
+    """Turns every expected failure, click's usage errors included, into one line on stderr."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:  # click's own is four lines: usage, a hint, a blank, the error
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            fail(e.format_message().rstrip(".") + where, e.exit_code)
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except InvalidRequest as e:
-            fail(e.detail, 2)
+            fail(_as_typed(e), 2)
         except KeygateError as e:
             fail(e.detail)
+        except BrokenPipeError:
+            _reader_went_away()
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as e:  # a last resort: still no traceback for the user
             fail(f"unexpected {type(e).__name__}: {e}")
 
 
+def _settings() -> Settings:
+    """This command's settings, read once (a missing secret is generated on first read)."""
+    meta = click.get_current_context().meta
+    if "keygate.settings" not in meta:
+        meta["keygate.settings"] = load_settings()
+    settings: Settings = meta["keygate.settings"]
+    return settings
+
+
 def _store(*, checked: bool = True) -> KeyStore:
     from .app import open_checked_store, open_configured_store
 
-    settings = load_settings()
-    return open_checked_store(settings) if checked else open_configured_store(settings)
+    settings = _settings()
+    store = open_checked_store(settings) if checked else open_configured_store(settings)
+    click.get_current_context().call_on_close(store.close)  # also when run in-process (tests)
+    return store
 
 
 def _duration(field: str) -> Callable[[click.Context, click.Parameter, str | None], int | None]:
-    def convert(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    def convert(ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
         if value is None:
             return None
         try:
             return parse_duration(value, field)
-        except InvalidRequest as e:
-            raise click.BadParameter(e.detail) from None
+        except InvalidRequest as e:  # a UsageError: click's BadParameter would name the option twice
+            raise click.UsageError(e.detail, ctx) from None
 
     return convert
+
+
+def _metadata(record: KeyRecord) -> dict[str, Any]:
+    """A key's metadata as the API shows it: its state now, and the rate limit in force."""
+    return record.metadata(default_rate_limit=_settings().default_rate_limit)
 
 
 def _emit_json(data: Any) -> None:
@@ -79,25 +138,41 @@ def _emit_json(data: Any) -> None:
 
 
 def _describe(record: KeyRecord) -> str:
-    m = record.metadata()
+    m = _metadata(record)
+    if record.rate_limit is None:
+        m["rate_limit"] = f"{m['rate_limit']} (the default)"
     lines = [f"{k:>13}: {'-' if v is None or v == [] else (', '.join(v) if isinstance(v, list) else v)}"
              for k, v in m.items()]
     return "\n".join(lines)
 
 
+def _stdout_is_a_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _print_secret(plaintext: str) -> None:
+    """The key alone on stdout, so ``KEY=$(…)`` captures just it. The advice above it is
+    for a person reading a terminal; above a captured key it would introduce nothing."""
+    if _stdout_is_a_terminal():
+        click.echo("Store it now; it will not be shown again:", err=True)
+    else:
+        click.echo("The key is on standard output, shown this once (only its hash is stored).", err=True)
+    click.echo(plaintext)
+
+
 def _show_new_key(plaintext: str, record: KeyRecord, as_json: bool, **extra: Any) -> None:
     if as_json:
-        _emit_json({**record.metadata(), **extra, "key": plaintext})
+        _emit_json({**_metadata(record), **extra, "key": plaintext})
         return
-    click.echo(f"Created key {record.id} ({record.name}), scopes: {' '.join(record.scopes)}", err=True)
-    click.echo("Store it now; it will not be shown again:", err=True)
-    click.echo(plaintext)
+    click.echo(f"Created key {record.id} ({record.name}), scopes: {' '.join(record.scopes)}.", err=True)
+    _print_secret(plaintext)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_version(), "--version", prog_name="keygate", message="%(prog)s %(version)s")
 def cli() -> None:
     """keygate: API keys for a Flask-RESTX service."""
 
@@ -118,14 +193,13 @@ def init(no_admin_key: bool, as_json: bool) -> None:
     if as_json:
         _emit_json({
             "schema_version": version,
-            "admin_key": None if issued is None else {**issued.record.metadata(), "key": issued.plaintext},
+            "admin_key": None if issued is None else {**_metadata(issued.record), "key": issued.plaintext},
         })
         return
     click.echo(f"Key store ready at schema version {version}.", err=True)
     if issued is not None:
         click.echo(f"The store was empty: created admin key {issued.record.id}.", err=True)
-        click.echo("Store it now; it will not be shown again:", err=True)
-        click.echo(issued.plaintext)
+        _print_secret(issued.plaintext)
 
 
 @cli.command("create-key")
@@ -149,7 +223,7 @@ def create_key(name: str, scopes: Sequence[str], expires_in: int | None, rate_li
 @cli.command("list-keys")
 @json_option
 def list_keys(as_json: bool) -> None:
-    """List every key's metadata (never a secret)."""
+    """List every key's metadata (never a secret); the table is oldest first."""
     store = _store()
     if as_json:
         # Streamed page by page, so a million keys never sit in memory at once.
@@ -157,31 +231,39 @@ def list_keys(as_json: bool) -> None:
         first, after = True, None
         while page := store.list_keys(limit=1000, after=after):
             for record in page:
-                click.echo(("\n  " if first else ",\n  ") + json.dumps(record.metadata()), nl=False)
+                click.echo(("\n  " if first else ",\n  ") + json.dumps(_metadata(record)), nl=False)
                 first = False
             after = page[-1].id
         click.echo("\n]" if not first else "]")
         return
-    click.echo(f"{'ID':<12}  {'NAME':<24}  {'SCOPES':<30}  {'STATE':<8}  EXPIRES")
+    records: list[KeyRecord] = []
     after = None
-    now = time.time()
-    while page := store.list_keys(limit=1000, after=after):
-        for r in page:
-            state = ("revoked" if r.revoked_at is not None and r.revoked_at <= now
-                     else "expired" if r.expires_at is not None and r.expires_at <= now else "active")
-            expires = r.metadata()["expires_at"] or "-"
-            click.echo(f"{r.id:<12}  {r.name[:24]:<24}  {' '.join(r.scopes)[:30]:<30}  {state:<8}  {expires}")
+    while page := store.list_keys(limit=1000, after=after):  # pages come in id order
+        records += page
         after = page[-1].id
+    records.sort(key=lambda r: (r.created_at, r.id))
+    now = time.time()
+    click.echo(f"{'ID':<12}  {'NAME':<20}  {'SCOPES':<24}  {'STATE':<7}  {'CREATED (UTC)':<16}  "
+               f"{'LAST USED':<16}  EXPIRES")
+    for r in records:
+        click.echo(f"{r.id:<12}  {r.name[:20]:<20}  {' '.join(r.scopes)[:24]:<24}  {r.state(now):<7}  "
+                   f"{_minute(r.created_at):<16}  {_minute(r.last_used_at):<16}  {_minute(r.expires_at)}")
+
+
+def _minute(ts: float | None) -> str:
+    """A table's timestamp: UTC to the minute, ``-`` when unset."""
+    text = isoformat(ts)
+    return "-" if text is None else text[:16].replace("T", " ")
 
 
 @cli.command("show-key")
 @click.argument("key_id")
 @json_option
 def show_key(key_id: str, as_json: bool) -> None:
-    """Show one key's metadata."""
+    """Show one key's metadata (ID: the 12 characters after kg_; list-keys shows them)."""
     record = get_key(_store(), key_id)
     if as_json:
-        _emit_json(record.metadata())
+        _emit_json(_metadata(record))
     else:
         click.echo(_describe(record))
 
@@ -195,6 +277,8 @@ def revoke_key_cmd(key_id: str | None, plaintext: str | None, as_json: bool) -> 
     """Revoke a key now, by ID or by its plaintext value. Repeating it is harmless."""
     if (key_id is None) == (plaintext is None):
         raise click.UsageError("give either a key ID or --key PLAINTEXT")
+    if key_id is not None and key_id.strip().startswith(PREFIX):
+        fail(f"{not_a_key_id(key_id)}; to revoke a key by its value, use --key - (reads it from stdin)")
     store = _store()
     if plaintext is not None:
         if plaintext == "-":
@@ -203,7 +287,7 @@ def revoke_key_cmd(key_id: str | None, plaintext: str | None, as_json: bool) -> 
     assert key_id is not None
     record = revoke_key(store, key_id)
     if as_json:
-        _emit_json(record.metadata())
+        _emit_json(_metadata(record))
     else:
         click.echo(f"Revoked key {record.id} ({record.name}) at {record.metadata()['revoked_at']}.")
 
@@ -217,12 +301,11 @@ def rotate_key_cmd(key_id: str, grace: int | None, as_json: bool) -> None:
     """Replace a key with a new one (same name, scopes, limits, allow-list)."""
     issued = rotate_key(_store(), key_id, grace=grace)
     if as_json:
-        _emit_json({**issued.record.metadata(), "key": issued.plaintext})
+        _emit_json({**_metadata(issued.record), "key": issued.plaintext})
         return
-    when = f"in {format_duration(grace)}" if grace else "now"
+    when = f"in {format_duration(grace)} (its state is 'grace' meanwhile)" if grace else "now"
     click.echo(f"Rotated {key_id} -> {issued.record.id}; the old key stops {when}.", err=True)
-    click.echo("Store the new key now; it will not be shown again:", err=True)
-    click.echo(issued.plaintext)
+    _print_secret(issued.plaintext)
 
 
 @cli.command("mint-token")
@@ -234,7 +317,7 @@ def rotate_key_cmd(key_id: str, grace: int | None, as_json: bool) -> None:
 @json_option
 def mint_token_cmd(key_id: str, scopes: Sequence[str], ttl: int | None, as_json: bool) -> None:
     """Mint a short-lived query token (for ?token=) from a key."""
-    settings = load_settings()
+    settings = _settings()
     store = _store()
     signer = TokenSigner(settings.secret_keys, settings.token_max_ttl, SCOPES)
     minted = mint_token(store, signer, get_key(store, key_id), actor=cli_actor(),
@@ -248,6 +331,16 @@ def mint_token_cmd(key_id: str, scopes: Sequence[str], ttl: int | None, as_json:
     click.echo(minted.token)
 
 
+def _detail_text(detail: dict[str, Any]) -> str:
+    """An event's detail for a table: ``scopes=secret:read,data:read name=billing``."""
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "-"
+        return "-" if value is None else str(value)
+
+    return " ".join(f"{k}={text(v)}" for k, v in sorted(detail.items()))
+
+
 @cli.command()
 @click.option("--key", "key_id", metavar="ID", help="Only this key's events.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
@@ -255,17 +348,26 @@ def mint_token_cmd(key_id: str, scopes: Sequence[str], ttl: int | None, as_json:
 def audit(key_id: str | None, limit: int, as_json: bool) -> None:
     """Show the audit trail, newest first, and authentication failures per code."""
     store = _store()
+    if key_id is not None:
+        get_key(store, key_id)  # an unknown id is an error, not an empty trail
     events = store.events(key_id=key_id, limit=limit)
     failures = store.auth_failures()
     if as_json:
         _emit_json({"events": [e.as_dict() for e in events], "auth_failures": failures})
         return
+    click.echo(f"{'AT (UTC)':<20}  {'EVENT':<10}  {'KEY':<12}  {'ACTOR':<20}  DETAIL")
     for e in events:
-        d = e.as_dict()
-        detail = " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
-        click.echo(f"{d['at']}  {e.event:<10}  {e.key_id:<12}  {e.actor:<20}  {detail}".rstrip())
-    if failures:
-        click.echo("auth failures: " + ", ".join(f"{k}={v}" for k, v in sorted(failures.items())))
+        at = (isoformat(e.at) or "")[:19].replace("T", " ")
+        click.echo(f"{at:<20}  {e.event:<10}  {e.key_id:<12}  {e.actor[:20]:<20}  {_detail_text(e.detail)}".rstrip())
+    if not events:
+        click.echo("(no events)")
+    if key_id is None:  # the failure counts are per code, not per key: only in the whole trail
+        click.echo("")
+        click.echo(f"{'AUTH FAILURES':<24}  COUNT")
+        for code, count in sorted(failures.items()):
+            click.echo(f"{code:<24}  {count}")
+        if not failures:
+            click.echo("(none)")
 
 
 def _check_port_free(host: str, port: int) -> None:

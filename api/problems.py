@@ -19,6 +19,7 @@ from keys.exc import (
     MethodNotAllowed,
     NotFound,
 )
+from keys.redact import redact
 
 # Stable, non-dereferenceable type URIs (RFC 9457 §3.1.1 suggests tag: URIs for these).
 PROBLEM_TYPE_BASE = "tag:keygate,2026:problem/"
@@ -38,7 +39,7 @@ def problem(status: int, code: str, title: str, detail: str) -> Response:
         "status": status,
         "detail": detail,
         "code": code,
-        "instance": request.path,
+        "instance": redact(request.path),  # a key pasted into a URL is not echoed back
     }
     return current_app.response_class(json.dumps(body), status=status, mimetype="application/problem+json")
 
@@ -48,9 +49,9 @@ def _from_http_exception(e: HTTPException) -> KeygateError | None:
     if cls is None:
         return None
     if cls is NotFound:
-        return NotFound(f"nothing at {request.path}")
+        return NotFound(f"nothing at {redact(request.path)}")
     if cls is MethodNotAllowed:
-        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        return MethodNotAllowed(f"{request.method} is not allowed on {redact(request.path)}")
     # Flask-RESTX puts validation details in e.data; werkzeug in e.description.
     errors = (getattr(e, "data", None) or {}).get("errors")
     if errors:

@@ -46,12 +46,23 @@ class KeygateApi(flask_restx.Api):
     """Flask-RESTX ``Api`` whose errors are problem+json like the rest of the app.
 
     ``docs_spec_endpoint`` names the Flask endpoint whose document the Swagger UI at
-    ``doc`` shows, instead of Flask-RESTX's own Swagger 2.0 ``/swagger.json``.
+    ``doc`` shows, instead of Flask-RESTX's own Swagger 2.0 ``/swagger.json``, which is
+    then not served at all: one document, so no client generator picks the lesser one.
+    ``GET /`` redirects to the Swagger UI.
     """
 
     def __init__(self, *args: Any, docs_spec_endpoint: str | None = None, **kwargs: Any) -> None:
         self.docs_spec_endpoint = docs_spec_endpoint
         super().__init__(*args, **kwargs)
+
+    def _register_specs(self, app_or_blueprint: Any) -> None:
+        # RESTX's hook for /swagger.json (``add_specs=False`` would drop the Swagger UI too).
+        if self.docs_spec_endpoint is None:
+            super()._register_specs(app_or_blueprint)
+
+    def render_root(self) -> Response:  # RESTX's view for "/": a 404 by default
+        # No body (werkzeug's redirect() writes an HTML page nobody reads).
+        return current_app.response_class(status=302, headers={"Location": url_for("doc")})
 
     @property
     def specs_url(self) -> str:  # read by RESTX's swagger-ui.html template

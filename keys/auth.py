@@ -39,6 +39,7 @@ from .exc import (
     MultipleCredentials,
     StoreUnavailable,
 )
+from .keyformat import looks_like_key
 from .model import Principal
 from .problem import problem_response
 from .scopes import Scopes, is_scope
@@ -53,6 +54,9 @@ ErrorRenderer = Callable[[KeygateError], Any]
 PRINCIPAL_ENVIRON_KEY = "keygate.principal"
 #: The ``app.config`` keys ``init_app`` reads; arguments given to ``KeyAuth`` win over them.
 CONFIG_KEYS = ("KEYGATE_DATABASE_URL", "KEYGATE_SCOPES", "KEYGATE_SUPERSCOPE", "KEYGATE_REALM")
+#: Headers that clients often put a key in by mistake: a request with no credential but a
+#: key in one of these is told which header to use instead (never the value it sent).
+MISPLACED_KEY_HEADERS = ("Authorization", "X-API-Key")
 __all__ = ["PRINCIPAL_ENVIRON_KEY", "BearerKey", "CredentialSource", "HeaderKey", "KeyAuth", "KeyAuthState",
            "QueryToken", "check_schema", "current_principal"]
 
@@ -102,6 +106,7 @@ class KeyAuth:
         scopes: Scopes | Iterable[str] | str | None = None,
         superscope: str | None = None,
         realm: str | None = None,
+        misplaced_key_headers: Iterable[str] = MISPLACED_KEY_HEADERS,
     ) -> None:
         self._store = store
         self._lookup = lookup
@@ -109,6 +114,7 @@ class KeyAuth:
         self._superscope = superscope
         self._realm = check_realm(realm)
         self._closed_vocabulary = None if scopes is None else Scopes.coerce(scopes, superscope)
+        self.misplaced_key_headers = tuple(misplaced_key_headers)
         self.sources: list[CredentialSource] = []
         for source in [HeaderKey()] if sources is None else sources:
             self.add_source(source)
@@ -248,8 +254,10 @@ class KeyAuth:
         found = [(src, value) for src in self.sources if (value := src.extract(req)) is not None]
         if not found:
             wanted = " or ".join(s.description for s in self.sources if s.kind in accept)
-            raise self._challenged(MissingCredentials(f"Send a credential in {wanted}."), state,
-                                   None, accept, refused=False)
+            stray = self._misplaced_key(req)
+            detail = f"Send a credential in {wanted}." if stray is None else \
+                f"Send a credential in {wanted}: a key was sent in the {stray} header, which is not read here."
+            raise self._challenged(MissingCredentials(detail), state, None, accept, refused=False)
         if len(found) > 1:
             raise MultipleCredentials(
                 "Send exactly one credential: " + " or ".join(s.description for s, _ in found) + "."
@@ -269,6 +277,14 @@ class KeyAuth:
         if scope is not None and not state.scopes.grants(principal.scopes, scope):
             raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
         return principal
+
+    def _misplaced_key(self, req: Request) -> str | None:
+        """The first of ``misplaced_key_headers`` holding a key (``Bearer kg_…``, ``kg_…``)."""
+        for header in self.misplaced_key_headers:
+            value = req.headers.get(header)
+            if value is not None and looks_like_key(value.strip(" \t").rpartition(" ")[2]):
+                return header
+        return None
 
     def _challenged(self, error: AuthenticationError, state: KeyAuthState, source: CredentialSource | None,
                     accept: tuple[str, ...], refused: bool) -> AuthenticationError:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from .exc import InvalidCredentials, InvalidRequest, NotFound
-from .keyformat import generate_key, hash_key, is_key_id
+from .keyformat import ID_LENGTH, PREFIX, generate_key, hash_key, is_key_id, looks_like_key
 from .model import AuditEvent, KeyRecord
 from .parse import parse_name, parse_networks, parse_rate_limit
 from .scopes import ANY_SCOPE, Scopes
@@ -71,10 +71,27 @@ def issue_key(
     return IssuedKey(key.plaintext, record)
 
 
+def not_a_key_id(value: str) -> str:
+    """Why ``value`` is no key id, without echoing it: a pasted key (or anything else
+    long) may hold a secret, and an answer or a terminal is no place for one."""
+    value = value.strip()
+    if value.startswith(PREFIX):
+        what = "that is an API key" if looks_like_key(value) else "that looks like an API key"
+        key_id = value[len(PREFIX):len(PREFIX) + ID_LENGTH]
+        if is_key_id(key_id):
+            return (f"{what}, not a key id: its id is {key_id} (the {ID_LENGTH} characters after "
+                    f"{PREFIX}; the rest is the secret, never needed here)")
+        return f"{what}, not a key id: a key's id is the {ID_LENGTH} characters after {PREFIX}"
+    return f"not a key id: an id is {ID_LENGTH} letters and digits (the {ID_LENGTH} characters after {PREFIX})"
+
+
 def get_key(store: KeyStore, key_id: str) -> KeyRecord:
-    record = store.get(key_id) if is_key_id(key_id) else None
+    """The record of ``key_id``; ``NotFound`` naming the id, or saying why it is none."""
+    if not is_key_id(key_id):
+        raise NotFound(not_a_key_id(key_id))
+    record = store.get(key_id)
     if record is None:
-        raise NotFound(f"no key with id {key_id[:40]!r}")
+        raise NotFound(f"no key with id {key_id!r}")
     return record
 
 
@@ -88,7 +105,7 @@ def revoke_key(store: KeyStore, key_id: str, *, actor: str | None = None,
     event = AuditEvent("revoke", key_id, actor or cli_actor(), now)
     record = store.revoke(key_id, now, event)
     if record is None:
-        raise NotFound(f"no key with id {key_id[:40]!r}")
+        raise NotFound(f"no key with id {key_id!r}")
     return record
 
 
@@ -121,7 +138,7 @@ def rotate_key(store: KeyStore, key_id: str, *, grace: int | None = None,
                    {"name": new.name, "scopes": list(new.scopes), "replaces": old.id}),
     ]
     if store.rotate(new, old.id, stops_at, events) is None:
-        raise NotFound(f"no key with id {key_id[:40]!r}")
+        raise NotFound(f"no key with id {key_id!r}")
     return IssuedKey(key.plaintext, new)
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import time
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
+
+#: A key's state at a given moment: ``grace`` is a rotated key still accepted until ``revoked_at``.
+KeyState = Literal["active", "grace", "revoked", "expired"]
 
 
 def isoformat(ts: float | None) -> str | None:
@@ -41,18 +45,31 @@ class KeyRecord(NamedTuple):
     def replace(self, **changes: Any) -> KeyRecord:
         return self._replace(**changes)
 
-    def metadata(self) -> dict[str, Any]:
-        """The public view: everything but the hash, timestamps as ISO 8601."""
+    def state(self, now: float | None = None) -> KeyState:
+        """What verification would make of the key at ``now``: the same order as
+        ``verify.check_live`` (a revocation that has happened wins over an expiry)."""
+        now = time.time() if now is None else now
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active" if self.revoked_at is None else "grace"
+
+    def metadata(self, now: float | None = None, default_rate_limit: str | None = None) -> dict[str, Any]:
+        """The public view: everything but the hash, timestamps as ISO 8601, the ``state``
+        at ``now``, and ``rate_limit`` in force: the key's own, else ``default_rate_limit``
+        (the app's default, which the record doesn't know)."""
         return {
             "id": self.id,
             "name": self.name,
             "scopes": list(self.scopes),
+            "state": self.state(now),
             "created_at": isoformat(self.created_at),
             "expires_at": isoformat(self.expires_at),
             "revoked_at": isoformat(self.revoked_at),
             "last_used_at": isoformat(self.last_used_at),
             "use_count": self.use_count,
-            "rate_limit": self.rate_limit,
+            "rate_limit": self.rate_limit if self.rate_limit is not None else default_rate_limit,
             "allowed_ips": list(self.allowed_ips),
             "replaces": self.replaces,
         }

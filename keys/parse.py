@@ -14,7 +14,7 @@ from typing import NamedTuple
 from .exc import InvalidRequest
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd])")
+_DURATION_RE = re.compile(r"([0-9]{1,9})([smhd]?)")  # no unit: seconds
 MAX_DURATION = 100 * 365 * 86400  # a century: beyond that a typo is likelier than intent
 
 _PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
@@ -22,15 +22,15 @@ _RATE_RE = re.compile(r"([0-9]{1,9})\s*/\s*(second|minute|hour|day)")
 
 
 def parse_duration(text: str, field: str = "duration") -> int:
-    """``90s``, ``15m``, ``12h``, ``30d`` → seconds (a positive int)."""
+    """``300`` (seconds), ``90s``, ``15m``, ``12h``, ``30d`` → seconds (a positive int)."""
     if not isinstance(text, str):
-        raise InvalidRequest(f"{field} must be a string like 90s, 15m, 12h or 30d", field=field)
+        raise InvalidRequest(f"{field} must be a string like 300, 90s, 15m, 12h or 30d", field=field)
     m = _DURATION_RE.fullmatch(text.strip())
     if not m:
         raise InvalidRequest(
-            f"{field}: {text[:40]!r} is not a duration like 90s, 15m, 12h or 30d", field=field
+            f"{field}: {text[:40]!r} is not a duration: seconds (300) or 90s, 15m, 12h, 30d", field=field
         )
-    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _UNITS[m.group(2) or "s"]
     if seconds <= 0:
         raise InvalidRequest(f"{field} must be longer than zero", field=field)
     if seconds > MAX_DURATION:
@@ -85,6 +85,11 @@ def parse_network(text: str, field: str = "allowed_ips") -> Network:
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as e:
+        if "has host bits set" in str(e):  # 10.0.0.1/8: say what was probably meant
+            block = ipaddress.ip_network(text.strip(), strict=False)
+            address = text.strip().partition("/")[0]
+            raise InvalidRequest(f"{field}: {text[:50]!r} has host bits set: write the block as {block} "
+                                 f"or the one address as {address}", field=field) from None
         raise InvalidRequest(f"{field}: {text[:50]!r} is not a valid CIDR block ({e})", field=field) from None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from flask import Response, current_app, request
 
 from .exc import KeygateError
+from .redact import redact
 
 #: Stable, non-dereferenceable type URIs (RFC 9457 §3.1.1 suggests tag: URIs for these).
 PROBLEM_TYPE_BASE = "tag:keygate,2026:problem/"
@@ -25,7 +26,7 @@ def problem_body(error: KeygateError) -> dict[str, Any]:
         "status": error.status,
         "detail": error.detail,
         "code": error.code,
-        "instance": request.path,
+        "instance": redact(request.path),  # a key pasted into a URL is not echoed back
     }
 
 

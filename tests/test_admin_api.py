@@ -1,7 +1,7 @@
 """The key-management API under /admin/keys, and key rotation over the API and the CLI.
 
 In-process through the Flask test client, over every store backend where the
-store matters; ``manage.py rotate-key`` runs as a real subprocess against the
+store matters; ``manage.py rotate-key`` runs in-process (click's CliRunner) against the
 SQLite store that an in-process app then serves from.
 """
 
@@ -13,16 +13,18 @@ from types import SimpleNamespace
 
 import pytest
 
+import keys.model
 import keys.verify
 from api import create_app
-from conftest import assert_one_line_failure, iso, run_cli
+from conftest import assert_one_line_failure, invoke_cli, iso
 from keys import KeyRevoked, generate_key, hash_key, issue_key, verify_key
 
 PROBLEM = "application/problem+json"
 MEMORY_ONLY = pytest.mark.parametrize("store_url", ["memory://"], ids=["memory"])
 # What the contract promises in every metadata object (the code may add more).
-METADATA = {"id", "name", "scopes", "created_at", "expires_at", "revoked_at", "last_used_at",
+METADATA = {"id", "name", "scopes", "state", "created_at", "expires_at", "revoked_at", "last_used_at",
             "rate_limit", "allowed_ips"}
+STATES = {"active", "grace", "revoked", "expired"}
 
 
 def problem(resp, status: int, code: str) -> dict:  # noqa: ANN001
@@ -44,6 +46,7 @@ def assert_metadata(meta: dict, *, with_key: bool = False) -> None:
     for field in ("created_at", "expires_at", "revoked_at", "last_used_at"):
         assert meta[field] is None or meta[field].endswith("Z"), meta  # ISO 8601 UTC or null
     iso(meta["created_at"])
+    assert meta["state"] in STATES and isinstance(meta["rate_limit"], str), meta  # the limit in force
 
 
 def assert_no_secrets(text: str, store) -> None:  # noqa: ANN001
@@ -102,15 +105,53 @@ def test_create_shows_the_key_once(client, store, A):
 def test_create_defaults(client, A):
     created = client.post("/admin/keys", headers=A, json={"name": "  minimal  ", "scopes": ["admin"]}).get_json()
     assert created["name"] == "minimal"
-    assert created["expires_at"] is None and created["rate_limit"] is None and created["allowed_ips"] == []
+    assert created["expires_at"] is None and created["allowed_ips"] == []
+    assert created["rate_limit"] == "600/minute" and created["state"] == "active"  # the default, in force
     # Explicit nulls are the same as leaving the fields out.
     nulls = client.post("/admin/keys", headers=A, json={
         "name": "nulls", "scopes": ["data:read"], "expires_in": None, "rate_limit": None, "allowed_ips": None})
     assert nulls.status_code == 201 and nulls.get_json()["expires_at"] is None
-    # expires_in as seconds.
-    secs = client.post("/admin/keys", headers=A, json={"name": "s", "scopes": ["data:read"], "expires_in": 90})
-    meta = secs.get_json()
-    assert iso(meta["expires_at"]) - iso(meta["created_at"]) == 90
+    # expires_in as seconds, a number or text alike.
+    for seconds in (90, "90", " 90 "):
+        secs = client.post("/admin/keys", headers=A, json={"name": "s", "scopes": ["data:read"], "expires_in": seconds})
+        meta = secs.get_json()
+        assert iso(meta["expires_at"]) - iso(meta["created_at"]) == 90, seconds
+
+
+@MEMORY_ONLY
+def test_state_follows_the_key_through_its_life(client, store, A, make_app, monkeypatch):
+    """active → grace (rotated with a grace period) → revoked; expired; the default limit in
+    force shown, a configured one too."""
+    def state(key_id: str) -> str:
+        return client.get(f"/admin/keys/{key_id}", headers=A).get_json()["state"]
+
+    old = issue_key(store, name="service", scopes=["secret:read"])
+    assert state(old.record.id) == "active"
+    new = client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={"grace": "1h"}).get_json()
+    assert state(old.record.id) == "grace" and new["state"] == "active"
+    listed = {k["id"]: k["state"] for k in client.get("/admin/keys", headers=A).get_json()["keys"]}
+    assert listed[old.record.id] == "grace"
+    client.delete(f"/admin/keys/{old.record.id}", headers=A)
+    assert state(old.record.id) == "revoked"
+    brief = issue_key(store, name="brief", scopes=["secret:read"], expires_in=10, now=time.time() - 60)
+    assert state(brief.record.id) == "expired"
+    # Revoked wins over expired, as verification answers key_revoked first.
+    client.delete(f"/admin/keys/{brief.record.id}", headers=A)
+    assert state(brief.record.id) == "revoked"
+    problem(client.get("/secret", headers={"API-Key": brief.plaintext}), 401, "key_revoked")
+    # The grace period ends by the clock: the state says so without any write.
+    second = issue_key(store, name="second", scopes=["secret:read"])
+    client.post(f"/admin/keys/{second.record.id}/rotate", headers=A, json={"grace": 60})
+    stops = store.get(second.record.id).revoked_at
+    monkeypatch.setattr(keys.model, "time", SimpleNamespace(time=lambda: stops + 1))
+    assert state(second.record.id) == "revoked"
+
+    # The limit in force: the app's configured default, or the key's own.
+    other = make_app(store, DEFAULT_RATE_LIMIT="5 / second").test_client()
+    shown = other.get(f"/admin/keys/{new['id']}", headers=A).get_json()
+    assert shown["rate_limit"] == "5/second"
+    own = issue_key(store, name="own", scopes=["secret:read"], rate_limit="7/hour")
+    assert other.get(f"/admin/keys/{own.record.id}", headers=A).get_json()["rate_limit"] == "7/hour"
 
 
 @MEMORY_ONLY
@@ -373,12 +414,14 @@ def test_rotate_with_grace_keeps_the_old_key_until_it_ends(client, store, A, mon
 
 
 @MEMORY_ONLY
-def test_a_grace_period_really_ends(client, store, A):
+def test_a_grace_period_really_ends(client, store, A, monkeypatch):
     old = issue_key(store, name="service", scopes=["secret:read"])
     resp = client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={"grace": 1})
     assert resp.status_code == 201
     assert client.get("/secret", headers={"API-Key": old.plaintext}).status_code == 200
-    time.sleep(1.1)
+    # A second later, by the verifier's clock (it reads time.time(); no need to wait for it).
+    later = time.time() + 1.1
+    monkeypatch.setattr(keys.verify, "time", SimpleNamespace(time=lambda: later))
     problem(client.get("/secret", headers={"API-Key": old.plaintext}), 401, "key_revoked")
     assert client.get("/secret", headers={"API-Key": resp.get_json()["key"]}).status_code == 200
 
@@ -434,7 +477,7 @@ def cli_client(cli_store, tmp_path):  # noqa: ANN001, ANN201
 def test_rotate_key_cli_without_grace(env, cli_store, cli_client):
     old = issue_key(cli_store, name="service", **SETTINGS)
     old_meta = old.record.metadata()
-    proc = run_cli(env, "rotate-key", old.record.id, "--json")
+    proc = invoke_cli(env, "rotate-key", old.record.id, "--json")
     assert proc.returncode == 0, proc.stderr
     new = json.loads(proc.stdout)
     assert_metadata(new, with_key=True)
@@ -444,18 +487,18 @@ def test_rotate_key_cli_without_grace(env, cli_store, cli_client):
     problem(cli_client.get("/secret", headers={"API-Key": old.plaintext}), 401, "key_revoked")
     assert cli_client.get("/secret", headers={"API-Key": new["key"]}).status_code == 200
 
-    assert_clean_failure(run_cli(env, "rotate-key", old.record.id), names=old.record.id)  # already rotated
-    assert_clean_failure(run_cli(env, "rotate-key", generate_key().key_id), names="no key")
+    assert_clean_failure(invoke_cli(env, "rotate-key", old.record.id), names=old.record.id)  # already rotated
+    assert_clean_failure(invoke_cli(env, "rotate-key", generate_key().key_id), names="no key")
     assert cli_store.count() == 2
 
 
 def test_rotate_key_cli_with_grace(env, cli_store, cli_client, monkeypatch):
     old = issue_key(cli_store, name="service", **SETTINGS)
-    assert_clean_failure(run_cli(env, "rotate-key", old.record.id, "--grace", "a while"), names="grace")
-    assert_clean_failure(run_cli(env, "rotate-key", old.record.id, "--grace", "0s"), names="grace")
+    assert_clean_failure(invoke_cli(env, "rotate-key", old.record.id, "--grace", "a while"), names="grace")
+    assert_clean_failure(invoke_cli(env, "rotate-key", old.record.id, "--grace", "0s"), names="grace")
     assert cli_store.count() == 1
 
-    proc = run_cli(env, "rotate-key", old.record.id, "--grace", "1h")
+    proc = invoke_cli(env, "rotate-key", old.record.id, "--grace", "1h")
     assert proc.returncode == 0, proc.stderr
     new_key = proc.stdout.strip()  # without --json: the key alone on stdout, the story on stderr
     assert "\n" not in new_key and new_key.startswith("kg_")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import re
 import time
 
 import pytest
 
 from api import create_app
-from conftest import iso, run_cli
+from conftest import invoke_cli, iso
 from keys import generate_key, issue_key, open_store
 
 PROBLEM = "application/problem+json"
@@ -226,7 +227,7 @@ def test_failure_counts_add_up_across_flushes(app, client, store, A):
 # -- the CLI: its actions are audited as cli:<user>, and `audit` reads the trail ----------------------
 
 def cli_json(env, *args: str):  # noqa: ANN001, ANN201
-    proc = run_cli(env, *args, "--json")
+    proc = invoke_cli(env, *args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -237,7 +238,7 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
     svc = cli_json(env, "create-key", "--name", "svc", "--scope", "data:read", "--scope", "secret:read")
     token = cli_json(env, "mint-token", svc["id"], "--scope", "data:read", "--ttl", "5m")
     rotated = cli_json(env, "rotate-key", svc["id"], "--grace", "1h")
-    revoke = run_cli(env, "revoke-key", "--key", "-", input=rotated["key"] + "\n")  # by (leaked) value
+    revoke = invoke_cli(env, "revoke-key", "--key", "-", input=rotated["key"] + "\n")  # by (leaked) value
     assert revoke.returncode == 0, revoke.stderr
     secrets = [admin["key"], svc["key"], rotated["key"], token["token"]]
 
@@ -256,7 +257,7 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
     finally:
         store.close()
 
-    proc = run_cli(env, "audit", "--json")
+    proc = invoke_cli(env, "audit", "--json")
     assert proc.returncode == 0, proc.stderr
     outputs += [proc.stdout, proc.stderr]
     trail = json.loads(proc.stdout)
@@ -283,16 +284,31 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
     assert [e["event"] for e in cli_json(env, "audit", "--key", rotated["id"])["events"]] == ["revoke", "create"]
     outputs += [json.dumps(only_svc), json.dumps(newest)]
 
-    text = run_cli(env, "audit")
+    # The text is a table: a header, a row per event (detail as name=value, lists comma-joined,
+    # no Python syntax), then the failure counts per code.
+    text = invoke_cli(env, "audit")
     assert text.returncode == 0, text.stderr
     outputs += [text.stdout, text.stderr]
     lines = text.stdout.strip().splitlines()
-    for e, line in zip(events, lines):
+    assert lines[0].split() == ["AT", "(UTC)", "EVENT", "KEY", "ACTOR", "DETAIL"]
+    for e, line in zip(events, lines[1:]):
         assert e["event"] in line and e["key_id"] in line and e["actor"] in line
-    assert "invalid_token=3" in text.stdout and "missing_credentials=1" in text.stdout
+    assert "scopes=data:read,secret:read" in text.stdout or "scopes=secret:read,data:read" in text.stdout
+    assert not re.search(r"[\[\]{}']", text.stdout), text.stdout
+    failures = lines[lines.index(next(x for x in lines if x.startswith("AUTH FAILURES"))) + 1:]
+    assert [f.split() for f in failures] == [["invalid_token", "3"], ["missing_credentials", "1"]]
+    # One key's trail: its events only; the failure counts (per code, not per key) are left out.
+    one = invoke_cli(env, "audit", "--key", svc["id"])
+    assert "AUTH FAILURES" not in one.stdout and len(one.stdout.strip().splitlines()) == 1 + 3
 
     for bad in (["--limit", "0"], ["--limit", "lots"]):
-        proc = run_cli(env, "audit", *bad)
+        proc = invoke_cli(env, "audit", *bad)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and "limit" in proc.stderr
+    # An unknown key is an error, not an empty trail.
+    for unknown in ("nosuchkeyid1", svc["key"]):
+        proc = invoke_cli(env, "audit", "--key", unknown)
+        assert proc.returncode == 1 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert "nosuchkeyid1" in proc.stderr or "not a key id" in proc.stderr
+        outputs.append(proc.stderr)
 
     assert_free_of("\n".join(outputs), secrets + hashes)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REQUIRE_SERVICES, run_cli
+from conftest import REQUIRE_SERVICES, invoke_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -49,7 +49,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def server(env: dict[str, str], start_server):  # noqa: ANN001, ANN201
-    init = run_cli(env, "init", "--no-admin-key")
+    init = invoke_cli(env, "init", "--no-admin-key")
     assert init.returncode == 0, init.stderr
     return start_server()
 
@@ -107,18 +107,24 @@ def execute_get_secret(page: Any) -> tuple[str, dict[str, Any]]:
 
 
 def test_authorize_with_a_key_then_get_secret(page: Any, server, env: dict[str, str]) -> None:  # noqa: ANN001
-    created = run_cli(env, "create-key", "--name", "browser", "--scope", "secret:read", "--json")
+    created = invoke_cli(env, "create-key", "--name", "browser", "--scope", "secret:read", "--json")
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)["key"]
     with evidence_on_failure(page, server):
-        open_docs(page, server.url)
+        # A newcomer types the server's address: / redirects to the Swagger UI.
+        page.goto(server.url + "/")
+        page.get_by_role("button", name="Authorize").wait_for()
+        assert page.url == server.url + "/docs"
         page.get_by_role("button", name="Authorize").click()
         dialog = page.locator(".modal-ux")
-        # The dialog offers both credentials of the contract: the header and the query token.
+        # The dialog offers both credentials of the contract: the header and the query token,
+        # and says not to authorise both (every request would be refused as ambiguous).
         header_box = dialog.locator(".auth-container").filter(has_text="Name: API-Key")
         token_box = dialog.locator(".auth-container").filter(has_text="Name: token")
         assert "In: header" in header_box.inner_text()
         assert "In: query" in token_box.inner_text()
+        for box in (header_box, token_box):
+            assert "multiple_credentials" in box.inner_text(), box.inner_text()
         header_box.locator("input").fill(key)
         header_box.get_by_role("button", name="Authorize").click()
         header_box.get_by_role("button", name="Logout").wait_for()  # Swagger UI's "authorized" state

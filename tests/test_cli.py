@@ -1,10 +1,10 @@
 """``python manage.py …``: the command line as a user meets it.
 
-Most cases run twice over: in-process through click's ``CliRunner`` (fast, and
-able to pass values a real argv cannot, such as NUL) and as real subprocesses
-(the actual stdout/stderr a shell sees). Every failure must be one line on
-stderr (or click's short usage block), a non-zero exit, no traceback, and
-nothing written to the store.
+Cases run in-process through click's ``CliRunner`` (fast, and able to pass values
+a real argv cannot, such as NUL); a few end-to-end ones run real subprocesses (the
+actual stdout/stderr a shell sees, a pipe that closes, a terminal). Every failure
+must be one line on stderr naming the option as typed, a non-zero exit, no
+traceback, and nothing written to the store.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -26,28 +26,24 @@ from click.testing import CliRunner
 
 from api.cli import cli
 from conftest import ROOT, free_port, run_cli
-from keys import KeyRevoked, generate_key, hash_key, open_store, verify_key
+from keys import KeyRecord, KeyRevoked, generate_key, hash_key, issue_key, open_store, verify_key
 
 KEY_RE = re.compile(r"kg_[0-9A-Za-z]{50}")
 KEY_LINE_RE = re.compile(r"^(kg_[0-9A-Za-z]{50})$", re.M)
 # What the contract promises in every metadata object (the code may add more).
-METADATA_FIELDS = {"id", "name", "scopes", "created_at", "expires_at", "revoked_at",
+METADATA_FIELDS = {"id", "name", "scopes", "state", "created_at", "expires_at", "revoked_at",
                    "last_used_at", "rate_limit", "allowed_ips"}
 COMMANDS = ["init", "create-key", "list-keys", "show-key", "revoke-key", "rotate-key",
-            "mint-token", "serve"]
+            "mint-token", "audit", "serve"]
 
 
 def assert_clean_failure(returncode: int, stderr: str, *, names: str | None = None) -> None:
-    """Non-zero exit; stderr is one ``error:`` line, or click's own short usage block."""
+    """Non-zero exit; stderr is one ``error:`` line (click's usage errors too)."""
     assert returncode != 0, stderr
     assert "Traceback" not in stderr, stderr
     lines = stderr.strip().splitlines()
-    assert lines, "a failure must say why on stderr"
-    if lines[0].startswith("Usage:"):  # click's usage error: Usage / Try --help / blank / Error…
-        # (click lists the choices of a missing Choice option on a few more lines)
-        assert len(lines) <= 8 and lines[3].startswith("Error:"), stderr
-    else:
-        assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("error: "), stderr
     if names is not None:
         assert names in stderr, stderr
 
@@ -331,6 +327,7 @@ def test_every_command_has_help(kg: Cli, command: str) -> None:
         "revoke-key": ["--key"],
         "rotate-key": ["--grace", "--json"],
         "mint-token": ["--scope", "--ttl", "--json"],
+        "audit": ["--key", "--limit", "--json"],
         "serve": ["--host", "--port", "--workers"],
     }[command]
     for option in expected:
@@ -342,6 +339,121 @@ def test_top_level_help_lists_every_command(kg: Cli) -> None:
     out = kg.ok("--help").stdout
     for command in COMMANDS:
         assert command in out
+    assert "--version" in out
+
+
+def test_version_is_the_package_version(kg: Cli) -> None:
+    from importlib import metadata
+
+    assert kg.ok("--version").stdout == f"keygate {metadata.version('keygate')}\n"
+
+
+# -- the newcomer's walk-through (issue 13) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    # click's own usage errors: one line, with where to look, not the four-line usage block
+    (["create-key", "--scope", "admin"], "error: Missing option '--name' (see 'manage.py create-key --help')"),
+    (["create-key", "--name", "n", "--scope", "admin", "--colour", "red"], "No such option '--colour'"),
+    (["make-key"], "No such command 'make-key'"),
+    # the option named once, as typed — not "Invalid value for '--expires-in': --expires-in: …"
+    (["create-key", "--name", "n", "--scope", "admin", "--expires-in", "5x"],
+     "error: --expires-in: '5x' is not a duration: seconds (300) or 90s, 15m, 12h, 30d"),
+    (["rotate-key", "AAAAAAAAAAAA", "--grace", "soon"], "error: --grace: 'soon' is not a duration"),
+    # the API's field names (rate_limit, allowed_ips, name) become the options' names
+    (["create-key", "--name", "n", "--scope", "admin", "--rate-limit", "5/week"],
+     "error: --rate-limit: '5/week' is not a rate limit like 100/minute"),
+    (["create-key", "--name", "n", "--scope", "admin", "--allow-ip", "junk"], "error: --allow-ip: 'junk'"),
+    (["create-key", "--name", " ", "--scope", "admin"], "error: --name must not be empty"),
+    # host bits: what to type instead
+    (["create-key", "--name", "n", "--scope", "admin", "--allow-ip", "10.0.0.1/8"],
+     "error: --allow-ip: '10.0.0.1/8' has host bits set: write the block as 10.0.0.0/8 or the one "
+     "address as 10.0.0.1"),
+])
+def test_every_error_is_one_line_naming_the_option_as_typed(ready: Cli, args: list[str], says: str) -> None:
+    result = ready(*args)
+    assert_clean_failure(result.exit_code, result.stderr)
+    assert says in result.stderr, result.stderr
+    assert "Invalid value for" not in result.stderr and "rate_limit" not in result.stderr
+    assert "allowed_ips" not in result.stderr and result.stdout == ""
+    assert ready.count() == 0
+
+
+@pytest.mark.parametrize(("option", "value", "seconds"), [
+    ("--expires-in", "300", 300), ("--expires-in", "5m", 300), ("--expires-in", "90", 90),
+])
+def test_durations_are_plain_seconds_or_a_unit(ready: Cli, option: str, value: str, seconds: int) -> None:
+    made = ready.create("--name", "n", "--scope", "admin", option, value)
+    assert (iso(made["expires_at"]) - iso(made["created_at"])).total_seconds() == seconds
+    rotated = json.loads(ready.ok("rotate-key", made["id"], "--grace", value, "--json").stdout)
+    assert rotated["replaces"] == made["id"]
+    token = json.loads(ready.ok("mint-token", rotated["id"], "--ttl", value, "--json").stdout)
+    assert (iso(token["expires_at"]) - datetime.now(iso(made["created_at"]).tzinfo)).total_seconds() <= seconds
+
+
+def test_a_key_pasted_where_an_id_belongs_is_recognised_and_never_echoed(ready: Cli) -> None:
+    made = ready.create("--name", "n", "--scope", "secret:read")
+    secret = made["key"][15:]
+    for args in (["show-key", made["key"]], ["rotate-key", made["key"]], ["mint-token", made["key"]],
+                 ["revoke-key", made["key"]], ["audit", "--key", made["key"]], ["show-key", f" {made['key']} "]):
+        result = ready(*args)
+        assert_clean_failure(result.exit_code, result.stderr, names="that is an API key, not a key id")
+        assert f"its id is {made['id']}" in result.stderr
+        assert not any(secret[i:i + 6] in result.stderr for i in range(len(secret) - 5)), result.stderr
+    assert "--key -" in ready("revoke-key", made["key"]).stderr  # how to revoke by value instead
+    # Anything else that isn't an id is not repeated either (it may be a secret of some other kind).
+    result = ready("show-key", "x" * 30 + "SECRETPART")
+    assert_clean_failure(result.exit_code, result.stderr, names="not a key id")
+    assert "SECRETPART" not in result.stderr
+    assert json.loads(ready.ok("show-key", made["id"], "--json").stdout)["state"] == "active"
+
+
+def test_state_and_the_limit_in_force_everywhere(ready: Cli) -> None:
+    """active, grace (rotated with a grace period), revoked, expired — in show-key, list-keys and
+    their JSON; the rate limit in force, the default included."""
+    old = ready.create("--name", "old", "--scope", "secret:read")
+    assert old["state"] == "active" and old["rate_limit"] == "600/minute"
+    new = json.loads(ready.ok("rotate-key", old["id"], "--grace", "1h", "--json").stdout)
+    gone = ready.create("--name", "gone", "--scope", "secret:read", "--rate-limit", "5/second")
+    ready.ok("revoke-key", gone["id"])
+    store = open_store(ready.url)
+    issue_key(store, name="brief", scopes=["secret:read"], expires_in=1, now=time.time() - 10)
+    store.close()
+
+    states = {m["name"] + ("" if m["replaces"] is None else "+"): m["state"]
+              for m in json.loads(ready.ok("list-keys", "--json").stdout)}
+    assert states == {"old": "grace", "old+": "active", "gone": "revoked", "brief": "expired"}
+    shown = ready.ok("show-key", old["id"]).stdout
+    assert re.search(r"^ *state: grace$", shown, flags=re.M), shown
+    assert re.search(r"^ *rate_limit: 600/minute \(the default\)$", shown, flags=re.M), shown
+    assert "revoked_at" in shown and new["id"] not in shown
+    assert re.search(r"^ *rate_limit: 5/second$", ready.ok("show-key", gone["id"]).stdout, flags=re.M)
+    assert json.loads(ready.ok("show-key", gone["id"], "--json").stdout)["state"] == "revoked"
+
+
+def test_list_keys_is_a_table_oldest_first_with_created_and_last_used(ready: Cli) -> None:
+    store = open_store(ready.url)
+    now = time.time()
+    # Ids in the opposite order of creation: the table sorts by time, not by id.
+    for key_id, name, age in (("AAAAAAAAAAA1", "newest", 10), ("ZZZZZZZZZZZ1", "oldest", 3000),
+                              ("MMMMMMMMMMM1", "middle", 600)):
+        store.add(KeyRecord(id=key_id, name=name, key_hash=hash_key(generate_key(key_id).plaintext),
+                            scopes=("secret:read",), created_at=now - age,
+                            last_used_at=now - 5 if name == "middle" else None))
+    store.close()
+    header, *rows = ready.ok("list-keys").stdout.splitlines()
+    assert header.split() == ["ID", "NAME", "SCOPES", "STATE", "CREATED", "(UTC)", "LAST", "USED", "EXPIRES"]
+    assert [row.split()[1] for row in rows] == ["oldest", "middle", "newest"]
+
+    def column(row: str, title: str) -> str:
+        return row[header.index(title):].split("  ")[0]
+
+    def minute(ts: float) -> str:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    assert [column(row, "CREATED") for row in rows] == [minute(now - 3000), minute(now - 600), minute(now - 10)]
+    assert [column(row, "LAST USED") for row in rows] == ["-", minute(now - 5), "-"]
+    assert [column(row, "STATE") for row in rows] == ["active"] * 3
 
 
 BAD_CONFIG = [
@@ -366,16 +478,95 @@ def test_bad_configuration_in_process(ready: Cli, monkeypatch: pytest.MonkeyPatc
     assert ready.count() == 0
 
 
+def test_the_advice_above_a_new_key_reads_right_captured_or_on_a_terminal(
+        ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``KEY=$(manage.py create-key …)`` must not leave "Store it now…:" introducing nothing."""
+    captured = ready.ok("create-key", "--name", "n", "--scope", "admin")
+    assert "Store it now" not in captured.stderr and not captured.stderr.rstrip().endswith(":")
+    assert "standard output" in captured.stderr and "shown this once" in captured.stderr
+    monkeypatch.setattr("api.cli._stdout_is_a_terminal", lambda: True)
+    for args in (["create-key", "--name", "t", "--scope", "admin"], ["rotate-key", captured.stdout[3:15]]):
+        on_terminal = ready.ok(*args)
+        assert on_terminal.stderr.rstrip().endswith("Store it now; it will not be shown again:"), args
+        assert KEY_RE.fullmatch(on_terminal.stdout.strip())
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list-keys | head -1``: no "error: unexpected BrokenPipeError", the exit status of a tool
+    stopped by SIGPIPE. (End to end, through a real pipe: test_subprocess_pipe_closed_early.)"""
+    for i in range(3):
+        ready.create("--name", f"k{i}", "--scope", "admin")
+    import click
+
+    real_echo, lines = click.echo, []
+
+    def echo(message=None, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not kwargs.get("err") and lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        lines.append(message)
+        return real_echo(message, *args, **kwargs)
+
+    monkeypatch.setattr(click, "echo", echo)
+    for args in (["list-keys"], ["list-keys", "--json"]):
+        lines.clear()
+        result = ready(*args)
+        assert result.exit_code == 141 and result.stderr == "", result.stderr
+
+
 # -- real subprocesses -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_subprocess_pipe_closed_early(env: dict[str, str]) -> None:
+    """``list-keys | head -1`` with a real pipe whose reader has already gone (so the first
+    write meets it, whatever the timing): nothing on stderr, status 141."""
+    assert run_cli(env, "init").returncode == 0
+    for args in (["list-keys"], ["list-keys", "--json"]):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader goes away before anything is written
+        err = proc.stderr.read()
+        assert proc.wait(60) == 141 and err == "", (args, err)
+
+
+@pytest.mark.slow
+def test_subprocess_on_a_terminal_the_advice_introduces_the_key(env: dict[str, str]) -> None:
+    """With stdout a terminal (a pty), the key follows "Store it now; …:"; captured, it doesn't say so."""
+    import os
+    import pty
+
+    assert run_cli(env, "init", "--no-admin-key").returncode == 0
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "create-key", "--name", "tty",
+                             "--scope", "admin"], env=env, cwd=ROOT, stdout=terminal, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(terminal)
+    _out, err = proc.communicate(timeout=60)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the terminal's other end has closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert proc.returncode == 0, err
+    assert err.rstrip().endswith("Store it now; it will not be shown again:"), err
+    assert KEY_RE.fullmatch(shown.decode().strip())
+    captured = run_cli(env, "create-key", "--name", "pipe", "--scope", "admin")
+    assert "Store it now" not in captured.stderr and KEY_RE.fullmatch(captured.stdout.strip())
+
+
+@pytest.mark.slow
 def test_subprocess_lifecycle(env: dict[str, str]) -> None:
+    """The real entry point, stdout and stderr as a shell sees them (the cases themselves are
+    covered in-process above)."""
     first = run_cli(env, "init")
     assert first.returncode == 0, first.stderr
     admin = first.stdout.strip()
     assert first.stdout == admin + "\n" and KEY_RE.fullmatch(admin)
-    again = run_cli(env, "init")
-    assert again.returncode == 0 and again.stdout == ""
 
     made = run_cli(env, "create-key", "--name", "svc", "--scope", "secret:read", "--scope", "data:read",
                    "--expires-in", "12h", "--rate-limit", "100/minute", "--allow-ip", "127.0.0.0/8",
@@ -390,20 +581,16 @@ def test_subprocess_lifecycle(env: dict[str, str]) -> None:
     for secret in (admin, meta["key"], hash_key(admin), hash_key(meta["key"])):
         assert secret not in listed.stdout + listed.stderr
 
-    shown = run_cli(env, "show-key", meta["id"], "--json")
-    assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == meta["id"]
-
     revoked = run_cli(env, "revoke-key", "--key", "-", input=meta["key"] + "\n")
     assert revoked.returncode == 0, revoked.stderr
     assert meta["key"] not in revoked.stdout + revoked.stderr
-    twice = run_cli(env, "revoke-key", meta["id"])
-    assert twice.returncode == 0, twice.stderr
     after = json.loads(run_cli(env, "show-key", meta["id"], "--json").stdout)
-    assert after["revoked_at"] is not None
+    assert after["revoked_at"] is not None and after["state"] == "revoked"
+    usage = run_cli(env, "create-key", "--scope", "admin")  # click's usage error, on a real stderr
+    assert_clean_failure(usage.returncode, usage.stderr, names="--name")
 
-    assert run_cli(env, "--help").returncode == 0
 
-
+@pytest.mark.slow
 def test_subprocess_before_init(env: dict[str, str]) -> None:
     for args in (["list-keys"], ["create-key", "--name", "n", "--scope", "admin"],
                  ["serve", "--port", str(free_port())]):
@@ -414,17 +601,14 @@ def test_subprocess_before_init(env: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_subprocess_bad_input(env: dict[str, str]) -> None:
-    """A representative case of each kind, on a real stderr."""
+    """A case of each kind, on a real stderr: click's own check, an option's parser, a field the
+    key API refuses, the store's answer (every case runs in-process above)."""
     assert run_cli(env, "init", "--no-admin-key").returncode == 0
     create = ["create-key", "--name", "n", "--scope", "secret:read"]
     cases = [
-        create + ["--expires-in", "1w"],
         ["create-key", "--name", "n", "--scope", "superuser"],
+        create + ["--expires-in", "1w"],
         create + ["--allow-ip", "::1/129"],
-        create + ["--rate-limit", "0/minute"],
-        ["create-key", "--name", "x" * 500, "--scope", "admin"],
-        ["create-key", "--name", "a\nb", "--scope", "admin"],
-        ["show-key", "AAAAAAAAAAAA"],
         ["revoke-key", "--key", _key_like()],
     ]
     with ThreadPoolExecutor(4) as pool:
@@ -438,12 +622,11 @@ def test_subprocess_bad_input(env: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_subprocess_bad_configuration(env: dict[str, str]) -> None:
-    """A normal command and ``serve``: one line naming the variable, before any port is bound."""
+    """``serve`` in a real process: one line naming the variable, before any port is bound (each
+    variable is tried with each command in-process above)."""
     assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    cases = []
-    for var, value in BAD_CONFIG[:5]:
-        for command in (["list-keys"], ["serve", "--port", str(free_port())]):
-            cases.append((var, {**env, var: value}, command))
+    cases = [(var, {**env, var: value}, ["serve", "--port", str(free_port())])
+             for var, value in (BAD_CONFIG[2], BAD_CONFIG[3])]
     # An unreachable database: a driver error that spans several lines must still be one.
     cases.append(("KEYGATE_DATABASE_URL",
                   {**env, "KEYGATE_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/x"},

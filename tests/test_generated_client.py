@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, invoke_cli
 from test_readme import README, section
 
 SPEC_PATH = ROOT / "openapi.yaml"
@@ -68,7 +68,7 @@ def client_package(project: Path) -> Iterator[ModuleType]:
 
 @pytest.fixture
 def server_and_admin(env: dict[str, str], start_server) -> tuple[Any, str]:  # noqa: ANN001
-    init = run_cli(env, "init", "--json")
+    init = invoke_cli(env, "init", "--json")
     assert init.returncode == 0, init.stderr
     return start_server(), json.loads(init.stdout)["admin_key"]["key"]
 

@@ -237,6 +237,48 @@ def test_unknown_key_id_under_admin_is_not_found(mem):
     problem(resp, 404, "not_found")
 
 
+@pytest.mark.parametrize("suffix", ["", "/rotate"])
+def test_a_key_pasted_where_its_id_belongs_is_recognised_and_never_echoed(mem, suffix):
+    """``GET /admin/keys/<the key>``: the answer says what was sent and what the id is, and
+    holds no part of the secret (not in the detail, not in ``instance``)."""
+    admin = mem.key("admin")
+    pasted = mem.key("secret:read")
+    method = "POST" if suffix else "GET"
+    resp = mem.client.open(f"/admin/keys/{pasted}{suffix}", method=method, headers={"API-Key": admin})
+    body = problem(resp, 404, "not_found")
+    assert "that is an API key, not a key id" in body["detail"] and pasted[3:15] in body["detail"]
+    secret = pasted[15:]
+    text = resp.get_data(as_text=True)
+    assert not any(secret[i:i + 8] in text for i in range(len(secret) - 7)), text
+    # Anywhere else in a URL too: the 404 of an unknown path doesn't repeat it.
+    text = mem.client.get(f"/files/{pasted}").get_data(as_text=True)
+    assert pasted[15:] not in text and "[REDACTED]" in text
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    ("Authorization", "Bearer {key}"), ("Authorization", "{key}"), ("Authorization", "ApiKey {key}"),
+    ("X-API-Key", "{key}"), ("x-api-key", " {key} "),
+])
+def test_a_key_in_a_header_keygate_does_not_read_gets_a_hint(mem, header, value):
+    key = mem.key("secret:read")
+    resp = mem.client.get("/secret", headers={header: value.format(key=key)})
+    body = problem(resp, 401, "missing_credentials", "/secret")
+    assert resp.headers["WWW-Authenticate"] == CHALLENGE  # nothing was sent where it is read
+    assert "Send a credential in the API-Key header" in body["detail"]
+    assert header.lower() in body["detail"].lower(), body["detail"]
+    assert key not in resp.get_data(as_text=True) and key[3:15] not in resp.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    ("Authorization", "Basic dXNlcjpwYXNz"), ("Authorization", "Bearer kg_not_a_real_key"),
+    ("X-API-Key", "hello"), ("X-Other", "{key}"),
+])
+def test_no_hint_for_what_is_not_a_key_in_a_known_wrong_place(mem, header, value):
+    resp = mem.client.get("/secret", headers={header: value.format(key=mem.key("secret:read"))})
+    body = problem(resp, 401, "missing_credentials", "/secret")
+    assert body["detail"] == "Send a credential in the API-Key header."
+
+
 @pytest.mark.parametrize(("method", "path"), [
     ("POST", "/secret"), ("PUT", "/secret"), ("DELETE", "/data"), ("PATCH", "/admin"), ("POST", "/healthz"),
     ("DELETE", "/tokens"),
@@ -390,14 +432,14 @@ def test_docs_serves_swagger_ui(mem):
         ("apiKey", "header", "API-Key"), ("apiKey", "query", "token")}
 
 
-def test_swagger_json_declares_both_schemes_and_per_operation_security(mem):
-    resp = mem.client.get("/swagger.json")
+def test_openapi_json_declares_both_schemes_and_per_operation_security(mem):
+    resp = mem.client.get("/openapi.json")
     assert resp.status_code == 200
     common_headers(resp)
     spec = resp.get_json()
-    assert spec["securityDefinitions"] == {
-        "apiKey": {"type": "apiKey", "in": "header", "name": "API-Key"},
-        "token": {"type": "apiKey", "in": "query", "name": "token"},
+    assert {name: (s["type"], s["in"], s["name"]) for name, s in spec["components"]["securitySchemes"].items()} == {
+        "apiKey": ("apiKey", "header", "API-Key"),
+        "token": ("apiKey", "query", "token"),
     }
     paths = spec["paths"]
     assert paths["/secret"]["get"]["security"] == [{"apiKey": []}]

@@ -201,6 +201,30 @@ def test_the_challenge_belongs_to_the_source() -> None:
     problem(both, 400, "multiple_credentials")
 
 
+def test_a_key_in_a_header_the_app_does_not_read_gets_a_hint_naming_the_right_one() -> None:
+    """By default ``Authorization`` and ``X-API-Key`` are looked at, only when nothing was sent
+    where the app reads; the detail names the header, never the value. The app may list others
+    or none."""
+    store = MemoryKeyStore()
+    key = issue_key(store, name="b", scopes=["reports:read"]).plaintext
+    auth = KeyAuth(store=store, sources=[HeaderKey("X-Token", scheme="Token")])
+    app = plain_app(auth)
+    auth.init_app(app)
+    detail = problem(app.test_client().get("/reports", headers={"Authorization": f"Bearer {key}"}),
+                     401, "missing_credentials")["detail"]
+    assert detail == ("Send a credential in the X-Token header: a key was sent in the Authorization "
+                      "header, which is not read here.")
+    own = KeyAuth(store=store, sources=[HeaderKey("X-Token")], misplaced_key_headers=["X-Key"])
+    quiet = KeyAuth(store=store, sources=[HeaderKey("X-Token")], misplaced_key_headers=())
+    for ext, headers, hinted in [(own, {"X-Key": key}, True), (own, {"X-API-Key": key}, False),
+                                 (quiet, {"Authorization": f"Bearer {key}"}, False)]:
+        app = plain_app(ext)
+        ext.init_app(app)
+        body = problem(app.test_client().get("/reports", headers=headers), 401, "missing_credentials")
+        assert ("which is not read here" in body["detail"]) == hinted, body
+        assert key[3:] not in body["detail"]
+
+
 def test_a_source_may_set_its_own_realm_and_scheme() -> None:
     store = MemoryKeyStore()
     auth = KeyAuth(store=store, sources=[HeaderKey("X-Token", scheme="Token", realm="own")], realm="app")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REDIS_URL, Server, make_database_url, need_service, run_cli
+from conftest import REDIS_URL, Server, invoke_cli, make_database_url, need_service
 from private_redis import forget_prefix, test_prefix
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, env: dict[str, str])
     request.addfinalizer(lambda: forget_prefix(prefix))
     shared = dict(env, KEYGATE_DATABASE_URL=url, KEYGATE_RATELIMIT_STORAGE_URL=REDIS_URL,
                   KEYGATE_RATELIMIT_PREFIX=prefix)
-    init = run_cli(shared, "init", "--json")
+    init = invoke_cli(shared, "init", "--json")
     assert init.returncode == 0, init.stderr
     import json
 

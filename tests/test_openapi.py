@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi.yaml"
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 #: Flask-RESTX's own machinery: its static files, its Swagger 2.0 document and its "/" stub.
-RESTX_INTERNALS = {"static", "restx_doc.static", "specs", "root"}
+RESTX_INTERNALS = {"static", "restx_doc.static"}
 #: Codes that exist in keys.exc but never reach an HTTP response.
 NOT_HTTP_CODES = {"config_error"}
 SCHEME_FOR_SOURCE = {"header": "apiKey", "token": "token"}
@@ -268,23 +268,50 @@ def test_docs_authorize_offers_the_header_and_the_query_token(app, spec: dict[st
     # document, so its Authorize dialog offers the security schemes of the full contract.
     assert re.search(r'\burl: "/openapi\.json"', page.get_data(as_text=True)), "Swagger UI is not shown /openapi.json"
     shown = client.get("/openapi.json").get_json()["components"]["securitySchemes"]
-    # RESTX's Swagger 2.0 document (still at /swagger.json) declares the same two.
-    definitions = client.get("/swagger.json").get_json()["securityDefinitions"]
 
     def essentials(schemes: dict[str, Any]) -> dict[str, tuple[str, str, str]]:
         return {name: (d["type"], d["in"], d["name"]) for name, d in schemes.items()}
 
-    assert essentials(shown) == essentials(definitions) == essentials(spec["components"]["securitySchemes"]) == {
+    assert essentials(shown) == essentials(spec["components"]["securitySchemes"]) == {
         "apiKey": ("apiKey", "header", "API-Key"), "token": ("apiKey", "query", "token")}
+    # The Authorize dialog shows each scheme's description: both say not to authorise both.
+    for scheme in shown.values():
+        assert "multiple_credentials" in scheme["description"], scheme
+
+
+def test_only_the_openapi_3_document_is_served(app) -> None:  # noqa: ANN001
+    """Flask-RESTX's Swagger 2.0 /swagger.json is not served: one document, so a client
+    generator can't pick the lesser one."""
+    client = app.test_client()
+    gone = client.get("/swagger.json")
+    assert gone.status_code == 404 and gone.mimetype == "application/problem+json"
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_the_root_redirects_to_the_docs(app, spec: dict[str, Any]) -> None:  # noqa: ANN001
+    client = app.test_client()
+    for method in (client.get, client.head):
+        resp = method("/")
+        assert resp.status_code == 302 and resp.headers["Location"] == "/docs"
+    assert client.get("/", follow_redirects=True).status_code == 200
+    assert spec["paths"]["/"]["get"]["responses"]["302"]["headers"]["Location"]["schema"]["enum"] == ["/docs"]
+    problem = client.post("/")
+    assert problem.status_code == 405 and problem.mimetype == "application/problem+json"
+
+
+def test_servers_tell_clients_the_base_url(spec: dict[str, Any]) -> None:
+    """A relative server: right for Swagger UI and for a client fetching /openapi.json from
+    wherever keygate is served."""
+    assert spec["servers"][0]["url"] == "/"
 
 
 def test_every_version_is_the_package_version(app, spec: dict[str, Any]) -> None:  # noqa: ANN001
-    """openapi.yaml, the installed package and RESTX's own document say pyproject.toml's version,
+    """openapi.yaml (as served), and the installed package say pyproject.toml's version,
     and CHANGELOG.md has an entry for it (see the README's "Versions")."""
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     assert spec["info"]["version"] == version
     assert metadata.version("keygate") == version, "reinstall: pip install -e '.[test]'"
-    assert app.test_client().get("/swagger.json").get_json()["info"]["version"] == version
+    assert app.test_client().get("/openapi.json").get_json()["info"]["version"] == version
     assert re.search(rf"^## {re.escape(version)}\b", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
 
 
@@ -413,6 +440,7 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     call("get", "/healthz", expect=200)
     call("get", "/openapi.json", expect=200)
     call("get", "/docs", expect=200)
+    call("get", "/", expect=302)
 
     # pages, and every way to be refused
     call("get", "/secret", headers=rh, expect=200)
@@ -442,6 +470,8 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     # tokens
     call("post", "/tokens", headers=rh, expect=201)
     call("post", "/tokens", headers=rh, json={"ttl": -1}, expect=400, code="invalid_request")
+    call("post", "/tokens", headers=rh, json={"ttl": "15m"}, expect=201)
+    call("post", "/tokens", headers=rh, json={"ttl": "300"}, expect=201)
     call("post", "/tokens", url=f"/tokens?token={token['token']}", headers=rh, expect=400,
          code="multiple_credentials")
     call("post", "/tokens", headers=rh, json={"scopes": ["admin"]}, expect=403, code="insufficient_scope")
@@ -460,6 +490,7 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     item = "/admin/keys/{key_id}"
     call("get", item, url=f"/admin/keys/{created['id']}", headers=admin, expect=200)
     call("get", item, url="/admin/keys/AAAAAAAAAAAA", headers=admin, expect=404, code="not_found")
+    call("get", item, url=f"/admin/keys/{reader.plaintext}", headers=admin, expect=404, code="not_found")
     rotated = call("post", item + "/rotate", url=f"/admin/keys/{created['id']}/rotate", headers=admin,
                    json={"grace": "1h"}, expect=201).get_json()
     assert rotated["replaces"] == created["id"]

@@ -40,13 +40,14 @@ def refused(func, value, field: str) -> InvalidRequest:  # noqa: ANN001
 @pytest.mark.parametrize(("text", "seconds"), [
     ("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("1s", 1), ("36500d", MAX_DURATION),
     ("  12h  ", 43200),  # surrounding whitespace is not part of the value
+    ("300", 300), ("10", 10), (" 90 ", 90),  # no unit: seconds
 ])
 def test_durations(text, seconds):
     assert parse_duration(text, "expires_in") == seconds
 
 
 @pytest.mark.parametrize("text", [
-    "0s", "0d", "-1m", "+1m", "1.5h", "", "  ", "10", "h", "1w", "1y", "1H", "1 h", "1hh", "1h30m",
+    "0s", "0d", "0", "-1m", "+1m", "-10", "1.5h", "1.5", "", "  ", "h", "1w", "1y", "1H", "1 h", "1hh", "1h30m",
     "１h", "1\x00h", "1h\x00", "\x00", "٣h", "1ｈ",
     "99999999999999999999d", "9999999999s", "36501d", "999999999d",
     "0x10s", "1e3s", "1_000s", "Infinity", "NaN",

@@ -36,7 +36,7 @@ import requests
 
 from api import create_app
 from api.config import load_settings
-from conftest import REDIS_URL, need_service, run_cli, wait_for_workers
+from conftest import REDIS_URL, invoke_cli, need_service, wait_for_workers
 from keys import ConfigError, issue_key, open_store
 from keys.parse import RateLimit
 from keys.ratelimit import (
@@ -127,24 +127,21 @@ def test_refused_hits_cost_nothing_and_retry_after_is_enough(limiter, ids):
     """A client hammering a refused key does not push its quota further away, and a
     client that waits Retry-After seconds gets through."""
     key, limit = ids(), RateLimit(1, "second")
-    assert limiter.hit(key, limit).allowed
-    t0 = time.time()  # the allowed hit is counted no later than this
+    t0 = time.time()  # the clock is injected (``now``): the same moments on every backend, no sleeping
+    assert limiter.hit(key, limit, now=t0).allowed
     # Refusals spread over half the window: had they counted, the window that follows
     # the allowed hit's expiry would still be full of them.
-    refusals = 0
-    while time.time() < t0 + 0.5 or refusals < 5:
-        state = limiter.hit(key, limit)
+    for i in range(26):
+        state = limiter.hit(key, limit, now=t0 + i * 0.02)
         assert not state.allowed
         assert state.retry_after >= max(1, state.reset)
-        refusals += 1
-        time.sleep(0.02)
-    time.sleep(max(0.0, t0 + 1.15 - time.time()))
-    assert limiter.hit(key, limit).allowed
+    t1 = t0 + 1.15
+    assert limiter.hit(key, limit, now=t1).allowed
 
-    refused = limiter.hit(key, limit)
+    refused = limiter.hit(key, limit, now=t1 + 0.01)
     assert not refused.allowed
-    time.sleep(refused.retry_after)
-    assert limiter.hit(key, limit).allowed
+    assert not limiter.hit(key, limit, now=t1 + 0.5).allowed
+    assert limiter.hit(key, limit, now=t1 + 0.01 + refused.retry_after).allowed
 
 
 def test_keys_are_independent(limiter, ids):
@@ -480,7 +477,7 @@ def test_redis_prefix_values(value, expected):
 
 
 def test_serve_refuses_a_bad_redis_prefix_in_one_line(env):
-    result = run_cli({**env, "KEYGATE_RATELIMIT_PREFIX": "kg{x}:"}, "serve", "--port", "1")
+    result = invoke_cli({**env, "KEYGATE_RATELIMIT_PREFIX": "kg{x}:"}, "serve", "--port", "1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -488,7 +485,7 @@ def test_serve_refuses_a_bad_redis_prefix_in_one_line(env):
 
 
 def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
-    result = run_cli({**env, "KEYGATE_RATELIMIT_FAIL_OPEN": "perhaps"}, "serve", "--port", "1")
+    result = invoke_cli({**env, "KEYGATE_RATELIMIT_FAIL_OPEN": "perhaps"}, "serve", "--port", "1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -500,8 +497,8 @@ def test_serve_refuses_a_bad_fail_open_value_in_one_line(env):
                                  "redis://127.0.0.1/0?socket_timeout=soon"])
 def test_serve_refuses_a_bad_storage_url_in_one_line(env, url):
     """Caught before the server starts, not as a traceback in every worker that boots."""
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    result = run_cli({**env, "KEYGATE_RATELIMIT_STORAGE_URL": url}, "serve", "--port", "1", timeout=30)
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    result = invoke_cli({**env, "KEYGATE_RATELIMIT_STORAGE_URL": url}, "serve", "--port", "1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -699,7 +696,7 @@ def test_the_admin_api_rate_limit_flows_through(make_app):
     listed = {k["id"]: k for k in client.get("/admin/keys", headers=h).get_json()["keys"]}
     assert listed[body["id"]]["rate_limit"] == "3/minute"
     unlimited = client.post("/admin/keys", headers=h, json={"name": "u", "scopes": ["secret:read"]})
-    assert unlimited.get_json()["rate_limit"] is None
+    assert unlimited.get_json()["rate_limit"] == "600/minute"  # the default, in force
 
     codes = [client.get("/secret", headers={"API-Key": body["key"]}).status_code for _ in range(3)]
     assert codes == [200] * 3
@@ -730,13 +727,13 @@ def test_the_admin_api_refuses_a_bad_rate_limit(make_app, bad):
 
 
 def test_the_cli_rate_limit_flows_through(env, make_app):
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    result = run_cli(env, "create-key", "--name", "cli", "--scope", "secret:read",
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    result = invoke_cli(env, "create-key", "--name", "cli", "--scope", "secret:read",
                      "--rate-limit", "3/minute", "--json")
     assert result.returncode == 0, result.stderr
     created = json.loads(result.stdout)
     assert created["rate_limit"] == "3/minute"
-    shown = json.loads(run_cli(env, "show-key", created["id"], "--json").stdout)
+    shown = json.loads(invoke_cli(env, "show-key", created["id"], "--json").stdout)
     assert shown["rate_limit"] == "3/minute"
 
     store = open_store(env["KEYGATE_DATABASE_URL"])
@@ -747,7 +744,7 @@ def test_the_cli_rate_limit_flows_through(env, make_app):
     assert_rate_limited(client.get("/secret", headers={"API-Key": created["key"]}), 3)
     store.close()
 
-    bad = run_cli(env, "create-key", "--name", "bad", "--scope", "secret:read", "--rate-limit", "3/fortnight")
+    bad = invoke_cli(env, "create-key", "--name", "bad", "--scope", "secret:read", "--rate-limit", "3/fortnight")
     assert bad.returncode != 0
     assert "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "rate" in bad.stderr.lower()
@@ -833,7 +830,7 @@ def test_an_unreachable_limit_store_fails_open_when_told(make_app, caplog):
 
 
 def cli_json(env, *args: str):  # noqa: ANN001, ANN201
-    result = run_cli(env, *args, "--json")
+    result = invoke_cli(env, *args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 

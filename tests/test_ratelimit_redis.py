@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REDIS_URL, run_cli
+from conftest import REDIS_URL, invoke_cli
 from keys import issue_key, open_store
 from keys.parse import RateLimit
 from keys.ratelimit import KEY_NAMESPACE, MemoryLimiter, RateLimitUnavailable, SharedMemoryLimiter
@@ -340,8 +340,8 @@ def test_an_app_told_to_fail_open_lets_requests_through_while_redis_is_hung(priv
 
 @pytest.mark.slow
 def test_a_server_rides_out_a_redis_restart(env, start_server, private_redis):
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    created = run_cli(env, "create-key", "--name", "r", "--scope", "secret:read", "--rate-limit", "100/minute",
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    created = invoke_cli(env, "create-key", "--name", "r", "--scope", "secret:read", "--rate-limit", "100/minute",
                       "--json")
     assert created.returncode == 0, created.stderr
     import json

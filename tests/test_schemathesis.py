@@ -75,6 +75,7 @@ from keys.tokens import TokenSigner
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi.yaml"
+pytestmark = pytest.mark.slow  # a fuzzer: over a minute of CPU, out of the `-m "not slow"` loop
 EXAMPLES = int(os.environ.get("KEYGATE_FUZZ_EXAMPLES", "100"))
 DETERMINISTIC = os.environ.get("KEYGATE_FUZZ_RANDOM") != "1"
 #: Hypothesis's function-scoped-fixture warning is moot: each test *item* gets a fresh app on

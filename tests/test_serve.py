@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from api.config import default_workers, load_serve_settings
-from conftest import free_port, run_cli, wait_for_workers
+from conftest import free_port, invoke_cli, run_cli, wait_for_workers
 from keys import ConfigError
 
 slow = pytest.mark.slow
@@ -25,8 +25,8 @@ slow = pytest.mark.slow
 @pytest.fixture
 def key(env: dict[str, str]) -> str:
     """An initialised store with one secret:read key."""
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    made = run_cli(env, "create-key", "--name", "s", "--scope", "secret:read", "--json")
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    made = invoke_cli(env, "create-key", "--name", "s", "--scope", "secret:read", "--json")
     return json.loads(made.stdout)["key"]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import Server, run_cli, wait_for_workers
+from conftest import Server, invoke_cli, run_cli, wait_for_workers
 from keys import generate_key, issue_key, open_store
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ class Live:
         self.admin = admin
 
     def cli(self, *args: str, input: str | None = None) -> str:
-        result = run_cli(self.env, *args, input=input)
+        result = invoke_cli(self.env, *args, input=input)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -78,7 +78,7 @@ def _env(base: Path) -> dict[str, str]:
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
 def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     env = _env(tmp_path_factory.mktemp(f"serve{request.param}"))
-    init = run_cli(env, "init")
+    init = invoke_cli(env, "init")
     assert init.returncode == 0, init.stderr
     server = Server(env, workers=request.param)
     try:
@@ -353,8 +353,8 @@ def test_no_secret_ever_reaches_the_server_output(live: Live) -> None:
 
 
 def test_default_rate_limit_from_the_environment(env: dict[str, str], start_server) -> None:  # noqa: ANN001
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    made = json.loads(run_cli(env, "create-key", "--name", "n", "--scope", "secret:read", "--json").stdout)
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    made = json.loads(invoke_cli(env, "create-key", "--name", "n", "--scope", "secret:read", "--json").stdout)
     server = start_server(workers=2, env_overrides={"KEYGATE_DEFAULT_RATE_LIMIT": "3/minute"})
     wait_for_workers(server, 2)  # the limit is shared by every worker of the host
     statuses = [server.get("/secret", headers={"API-Key": made["key"]}) for _ in range(4)]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
 import keys.tokens
-from conftest import assert_one_line_failure, run_cli
+from conftest import assert_one_line_failure, invoke_cli
 from keys import InvalidToken, TokenExpired, generate_key, issue_key
 from keys.tokens import TokenSigner
 
@@ -344,7 +344,8 @@ BAD_BODIES = [
     ("scopes as an object", '{"scopes": {"data:read": true}}', "scopes"),
     ("empty scopes", '{"scopes": []}', "scopes"),
     ("unknown scope", '{"scopes": ["data:write"]}', "scopes"),
-    ("ttl as a string", '{"ttl": "60"}', "ttl"),
+    ("ttl as a word", '{"ttl": "a minute"}', "ttl"),
+    ("ttl as text over the cap", '{"ttl": "2h"}', "ttl"),
     ("ttl as a boolean", '{"ttl": true}', "ttl"),
     ("fractional ttl", '{"ttl": 1.5}', "ttl"),
     ("ttl as a list", '{"ttl": [60]}', "ttl"),
@@ -381,6 +382,15 @@ def test_token_ttl_cap_comes_from_configuration(store, make_app, reader):
 
 
 @MEMORY_ONLY
+def test_a_ttl_is_seconds_or_a_duration(client, reader):
+    """As everywhere a duration is taken: ``300``, ``"300"`` and ``"5m"`` are the same."""
+    for ttl in (300, "300", "5m", " 5m "):
+        before = time.time()
+        minted = mint(client, reader, ttl=ttl)
+        assert before + 299 <= iso(minted["expires_at"]) <= time.time() + 301, ttl
+
+
+@MEMORY_ONLY
 def test_scopes_the_key_does_not_hold_are_403(client, store):
     data_only = issue_key(store, name="d", scopes=["data:read"])
     for scopes in (["admin"], ["secret:read"], ["data:read", "secret:read"]):
@@ -414,7 +424,7 @@ def test_mint_token_cli(env, cli_store, make_app):
     client = make_app(cli_store).test_client()
 
     before = time.time()
-    proc = run_cli(env, "mint-token", key.record.id, "--scope", "data:read", "--ttl", "90s", "--json")
+    proc = invoke_cli(env, "mint-token", key.record.id, "--scope", "data:read", "--ttl", "90s", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out) == {"token", "expires_at", "scopes"}
@@ -424,7 +434,7 @@ def test_mint_token_cli(env, cli_store, make_app):
     problem(client.get("/secret", query_string={"token": out["token"]}), 403, "insufficient_scope")
 
     # Without --json: the token alone on stdout (pipe-friendly), the explanation on stderr.
-    proc = run_cli(env, "mint-token", key.record.id)
+    proc = invoke_cli(env, "mint-token", key.record.id)
     assert proc.returncode == 0, proc.stderr
     token = proc.stdout.strip()
     assert "\n" not in token and TOKEN_RE.fullmatch(token) and token.startswith(key.record.id)
@@ -439,19 +449,19 @@ def test_mint_token_cli_refusals(env, cli_store):
     cli_store.revoke(revoked.record.id, time.time())
     capped = {**env, "KEYGATE_TOKEN_MAX_TTL": "1h"}
 
-    assert_clean_failure(run_cli(capped, "mint-token", key.record.id, "--ttl", "2h"), names="ttl")
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--ttl", "25h"), names="ttl")  # default cap 24h
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--ttl", "soon"), names="ttl")
-    assert_clean_failure(run_cli(env, "mint-token", key.record.id, "--scope", "secret:read"), names="secret:read")
-    assert_clean_failure(run_cli(env, "mint-token", generate_key().key_id), names="no key")
-    assert_clean_failure(run_cli(env, "mint-token", revoked.record.id), names="revoked")
+    assert_clean_failure(invoke_cli(capped, "mint-token", key.record.id, "--ttl", "2h"), names="ttl")
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--ttl", "25h"), names="ttl")  # default cap 24h
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--ttl", "soon"), names="ttl")
+    assert_clean_failure(invoke_cli(env, "mint-token", key.record.id, "--scope", "secret:read"), names="secret:read")
+    assert_clean_failure(invoke_cli(env, "mint-token", generate_key().key_id), names="no key")
+    assert_clean_failure(invoke_cli(env, "mint-token", revoked.record.id), names="revoked")
     assert [e for e in cli_store.events() if e.event == "mint_token"] == []
 
 
 # -- real servers -------------------------------------------------------------------------------
 
 def cli_json(env, *args: str) -> dict:  # noqa: ANN001
-    proc = run_cli(env, *args, "--json")
+    proc = invoke_cli(env, *args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

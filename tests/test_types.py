@@ -6,9 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+@pytest.mark.slow  # mypy from a cold cache (a fresh clone, CI) takes ~20 s of CPU
 def test_keys_and_the_example_are_mypy_strict_clean() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "keys", "examples/reports.py"],

@@ -23,7 +23,7 @@ from datetime import datetime
 import pytest
 import requests
 
-from conftest import run_cli, wait_for_workers
+from conftest import invoke_cli, wait_for_workers
 from keys import issue_key, open_store
 from keys.usage import UsageRecorder
 
@@ -272,10 +272,10 @@ def test_ten_thousand_requests_cost_at_most_one_percent_in_store_writes(tmp_path
 
 
 def test_usage_shows_in_show_key_and_list_keys(env, make_app):
-    assert run_cli(env, "init", "--no-admin-key").returncode == 0
-    created = json.loads(run_cli(env, "create-key", "--name", "c", "--scope", "secret:read", "--json").stdout)
-    idle = json.loads(run_cli(env, "create-key", "--name", "idle", "--scope", "secret:read", "--json").stdout)
-    shown = json.loads(run_cli(env, "show-key", created["id"], "--json").stdout)
+    assert invoke_cli(env, "init", "--no-admin-key").returncode == 0
+    created = json.loads(invoke_cli(env, "create-key", "--name", "c", "--scope", "secret:read", "--json").stdout)
+    idle = json.loads(invoke_cli(env, "create-key", "--name", "idle", "--scope", "secret:read", "--json").stdout)
+    shown = json.loads(invoke_cli(env, "show-key", created["id"], "--json").stdout)
     assert shown["use_count"] == 0 and shown["last_used_at"] is None
 
     store = open_store(env["KEYGATE_DATABASE_URL"])
@@ -287,10 +287,10 @@ def test_usage_shows_in_show_key_and_list_keys(env, make_app):
     app.extensions["keygate.usage"].close()  # a clean shutdown
     store.close()
 
-    shown = json.loads(run_cli(env, "show-key", created["id"], "--json").stdout)
+    shown = json.loads(invoke_cli(env, "show-key", created["id"], "--json").stdout)
     assert shown["use_count"] == 6
     assert before <= parse_time(shown["last_used_at"]) <= time.time()
-    listed = {k["id"]: k for k in json.loads(run_cli(env, "list-keys", "--json").stdout)}
+    listed = {k["id"]: k for k in json.loads(invoke_cli(env, "list-keys", "--json").stdout)}
     assert listed[created["id"]]["use_count"] == 6
     assert listed[idle["id"]]["use_count"] == 0 and listed[idle["id"]]["last_used_at"] is None
 
@@ -302,8 +302,8 @@ def test_usage_shows_in_show_key_and_list_keys(env, make_app):
 def test_a_clean_shutdown_flushes_every_worker(env, start_server):
     """SIGTERM → the server stops its workers → each worker writes its batch as it exits, so the
     count is exact even though the 5 s interval never elapsed."""
-    admin = json.loads(run_cli(env, "init", "--json").stdout)["admin_key"]
-    created = json.loads(run_cli(env, "create-key", "--name", "c", "--scope", "secret:read", "--json").stdout)
+    admin = json.loads(invoke_cli(env, "init", "--json").stdout)["admin_key"]
+    created = json.loads(invoke_cli(env, "create-key", "--name", "c", "--scope", "secret:read", "--json").stdout)
     server = start_server(workers=2)
     wait_for_workers(server, 2)
     before = int(time.time())
@@ -319,10 +319,10 @@ def test_a_clean_shutdown_flushes_every_worker(env, start_server):
     assert server.proc.returncode == 0
     assert "could not write usage counters" not in server.log_path.read_text()
 
-    shown = json.loads(run_cli(env, "show-key", created["id"], "--json").stdout)
+    shown = json.loads(invoke_cli(env, "show-key", created["id"], "--json").stdout)
     assert shown["use_count"] == 30
     assert before <= parse_time(shown["last_used_at"]) <= time.time()
-    listed = {k["id"]: k for k in json.loads(run_cli(env, "list-keys", "--json").stdout)}
+    listed = {k["id"]: k for k in json.loads(invoke_cli(env, "list-keys", "--json").stdout)}
     assert listed[created["id"]]["use_count"] == 30
 
     # ... and through the API of the next server.

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Response, current_app, g, request
 from flask_restx import Namespace, fields
 
-from keys import KeyAuth, get_key, issue_key, revoke_key
+from keys import KeyAuth, KeyRecord, get_key, issue_key, revoke_key
 from keys.exc import InvalidRequest
 from keys.issuing import rotate_key
 from keys.keyformat import is_key_id
@@ -22,6 +22,11 @@ ADMIN_ONLY = [{"apiKey": []}]
 
 def _actor() -> str:
     return f"key:{g.principal.key_id}"
+
+
+def _metadata(record: KeyRecord) -> dict[str, Any]:
+    """A key's metadata as the API shows it: its state now, and the limit in force."""
+    return record.metadata(default_rate_limit=current_app.extensions["keygate.settings"].default_rate_limit)
 
 
 def _forget_cached_keys(auth: KeyAuth) -> None:
@@ -39,6 +44,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
 
     metadata = ns.model("KeyMetadata", {
         "id": fields.String, "name": fields.String, "scopes": fields.List(fields.String),
+        "state": fields.String(enum=["active", "grace", "revoked", "expired"]),
         "created_at": fields.String, "expires_at": fields.String, "revoked_at": fields.String,
         "last_used_at": fields.String, "use_count": fields.Integer, "rate_limit": fields.String,
         "allowed_ips": fields.List(fields.String), "replaces": fields.String,
@@ -65,7 +71,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             if after is not None and not is_key_id(after):
                 raise InvalidRequest("after must be a key id", field="after")
             page = store.list_keys(limit=limit, after=after)
-            return {"keys": [r.metadata() for r in page],
+            return {"keys": [_metadata(r) for r in page],
                     "next": page[-1].id if len(page) == limit else None}
 
         @ns.doc(security=ADMIN_ONLY)
@@ -88,7 +94,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
                 actor=_actor(),
                 vocabulary=SCOPES,
             )
-            return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
+            return ({**_metadata(issued.record), "key": issued.plaintext}, 201,
                     {"Location": f"/admin/keys/{issued.record.id}"})
 
     @ns.route("/<string:key_id>")
@@ -98,7 +104,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
         @auth.require(ADMIN)
         def get(self, key_id: str) -> dict[str, Any]:
             """One key's metadata."""
-            return get_key(store, key_id).metadata()
+            return _metadata(get_key(store, key_id))
 
         @ns.doc(security=ADMIN_ONLY)
         @ns.response(204, "Revoked (repeating it is harmless)")
@@ -121,7 +127,7 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             grace = seconds(body.get("grace"), "grace")
             issued = rotate_key(store, key_id, grace=grace, actor=_actor())
             _forget_cached_keys(auth)
-            return ({**issued.record.metadata(), "key": issued.plaintext}, 201,
+            return ({**_metadata(issued.record), "key": issued.plaintext}, 201,
                     {"Location": f"/admin/keys/{issued.record.id}"})
 
     @audit_ns.route("")

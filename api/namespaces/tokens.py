@@ -11,7 +11,7 @@ from keys import KeyAuth
 from keys.model import isoformat
 from keys.tokens import TokenSigner, mint_token
 
-from ..bodies import json_body, string_list, whole_seconds
+from ..bodies import json_body, seconds, string_list
 from ..restx import Resource
 
 
@@ -19,7 +19,8 @@ def namespace(auth: KeyAuth, signer: TokenSigner) -> Namespace:
     ns = Namespace("tokens", path="/tokens", description="Query tokens for places a header can't go")
     token_request = ns.model("TokenRequest", {
         "scopes": fields.List(fields.String, description="subset of the key's scopes (default: all)"),
-        "ttl": fields.Integer(description="lifetime in seconds (default 900, at most KEYGATE_TOKEN_MAX_TTL)"),
+        "ttl": fields.Raw(description="lifetime in seconds or a duration like 15m (default 900 s, at most "
+                          "KEYGATE_TOKEN_MAX_TTL)"),
     })
     token_response = ns.model("Token", {
         "token": fields.String,
@@ -39,7 +40,7 @@ def namespace(auth: KeyAuth, signer: TokenSigner) -> Namespace:
             scopes = string_list(body["scopes"], "scopes") if body.get("scopes") is not None else None
             minted = mint_token(
                 auth.store, signer, g.principal.record, actor=f"key:{g.principal.key_id}",
-                scopes=scopes, ttl=None if body.get("ttl") is None else whole_seconds(body["ttl"], "ttl"),
+                scopes=scopes, ttl=seconds(body.get("ttl"), "ttl"),
             )
             return {"token": minted.token, "expires_at": isoformat(minted.expires_at),
                     "scopes": list(minted.scopes)}, 201
