@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit (1 for a refused operation,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from keys import (
     open_store,
     revoke_key,
 )
-from keys.exc import InvalidRequest
+from keys.exc import InvalidRequest, StoreUnavailable
 from keys.issuing import cli_actor, rotate_key
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
@@ -31,6 +32,8 @@ from keys.ratelimit import open_limiter
 from keys.tokens import TokenSigner, mint_token
 from keys.scopes import ADMIN, ALL_SCOPES
 from keys.store import KeyStore
+from keys.store.breaker import describe
+from keys.strength import GENERATE_SECRET
 
 from .config import load_serve_settings, load_settings
 
@@ -49,6 +52,9 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except InvalidRequest as e:
             fail(e.detail, 2)
+        except StoreUnavailable as e:
+            # The operator, unlike an API client, is told the cause (one line).
+            fail(e.detail if e.__cause__ is None else f"{e.detail} ({describe(e.__cause__)})")
         except KeygateError as e:
             fail(e.detail)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
@@ -126,6 +132,10 @@ def init(no_admin_key: bool, as_json: bool) -> None:
         })
         return
     click.echo(f"Key store ready at schema version {version}.", err=True)
+    if "KEYGATE_SECRET_KEY" not in os.environ:
+        click.echo("Query tokens are signed with the secret generated in the instance directory; "
+                   f"to set your own, KEYGATE_SECRET_KEY=$({GENERATE_SECRET}) (the same on every "
+                   "instance).", err=True)
     if issued is not None:
         click.echo(f"The store was empty: created admin key {issued.record.id}.", err=True)
         click.echo("Store it now; it will not be shown again:", err=True)

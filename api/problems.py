@@ -18,6 +18,7 @@ from keys.exc import (
     KeygateError,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
 )
 
 # Stable, non-dereferenceable type URIs (RFC 9457 §3.1.1 suggests tag: URIs for these).
@@ -28,6 +29,7 @@ _HTTP_CODES = {
     400: InvalidRequest,
     404: NotFound,
     405: MethodNotAllowed,
+    413: PayloadTooLarge,
 }
 
 
@@ -51,6 +53,8 @@ def _from_http_exception(e: HTTPException) -> KeygateError | None:
         return NotFound(f"nothing at {request.path}")
     if cls is MethodNotAllowed:
         return MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    if cls is PayloadTooLarge:
+        return PayloadTooLarge("the body is too large")
     # Flask-RESTX puts validation details in e.data; werkzeug in e.description.
     errors = (getattr(e, "data", None) or {}).get("errors")
     if errors:

@@ -8,6 +8,7 @@ from .exc import (
     AccessDenied,
     AuthenticationError,
     ConfigError,
+    Conflict,
     InsufficientScope,
     InvalidCredentials,
     InvalidRequest,
@@ -20,6 +21,7 @@ from .exc import (
     MissingCredentials,
     MultipleCredentials,
     NotFound,
+    PayloadTooLarge,
     RateLimited,
     StoreUnavailable,
     TokenExpired,
@@ -31,11 +33,11 @@ from .store import KeyStore, MemoryKeyStore, open_store
 from .verify import match_key, verify_key
 
 __all__ = [
-    "AccessDenied", "AuthenticationError", "ConfigError", "CredentialSource", "HeaderKey",
+    "AccessDenied", "AuthenticationError", "ConfigError", "Conflict", "CredentialSource", "HeaderKey",
     "InsufficientScope", "InvalidCredentials", "InvalidRequest", "InvalidToken", "IpNotAllowed",
     "IssuedKey", "KeyAuth", "KeyExpired", "KeyRecord", "KeyRevoked", "KeyStore", "KeygateError",
     "MemoryKeyStore", "MethodNotAllowed", "MissingCredentials", "MultipleCredentials", "NotFound",
-    "Principal", "RateLimited", "StoreUnavailable", "TokenExpired", "current_principal",
+    "PayloadTooLarge", "Principal", "RateLimited", "StoreUnavailable", "TokenExpired", "current_principal",
     "find_by_plaintext", "generate_key", "get_key", "hash_key", "issue_key", "looks_like_key",
     "match_key", "open_store", "parse_key", "revoke_key", "verify_key",
 ]

@@ -84,6 +84,7 @@ class KeyAuth:
         #: Where verification reads records: the store, or a ``CachedLookup`` in front of it.
         self.lookup: KeyLookup = lookup or store  # type: ignore[assignment]
         self.sources: list[CredentialSource] = list(sources) if sources is not None else [HeaderKey()]
+        self._after_identification: list[Callable[[Principal], None]] = []
         self._after_auth: list[Callable[[Principal], None]] = []
         self._on_failure: list[Callable[[KeygateError], None]] = []
         if app is not None:
@@ -100,8 +101,15 @@ class KeyAuth:
     def add_source(self, source: CredentialSource) -> None:
         self.sources.append(source)
 
+    def after_identification(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
+        """Register ``hook(principal)`` to run once the credential is verified, before the
+        scope is checked: it sees every request a key makes, refused for scope or not (rate
+        limits: a stolen key probing scopes spends its own quota)."""
+        self._after_identification.append(hook)
+        return hook
+
     def after_authentication(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
-        """Register ``hook(principal)`` to run once a request is authorised (rate limits, usage)."""
+        """Register ``hook(principal)`` to run once a request is authorised (usage)."""
         self._after_auth.append(hook)
         return hook
 
@@ -135,9 +143,13 @@ class KeyAuth:
         source, value = found[0]
         principal = source.authenticate(value, self)
         if principal.record.allowed_ips:
+            # Not counted against the key's limit: from outside its allow-list, a stolen key
+            # could otherwise use up its owner's quota.
             check_ip(principal.record, req.remote_addr)
         g.principal = principal
         req.environ[PRINCIPAL_ENVIRON_KEY] = principal  # for WSGI-level readers (responses, logs)
+        for hook in self._after_identification:
+            hook(principal)
         if source.kind not in accept:
             needs = "" if scope is None else f"; it needs the {scope!r} scope"
             via = " or ".join(s.description for s in self.sources if s.kind in accept)
