@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit (1 for a refused operation,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -110,6 +111,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """keygate: API keys for a Flask-RESTX service."""
+    # The library logs outages for a server's log; here the one error line says it all
+    # (Python would otherwise print those warnings on stderr too). `serve` configures its own.
+    logging.getLogger("keygate").addHandler(logging.NullHandler())
 
 
 @cli.command()
