@@ -54,10 +54,17 @@ class Breaker:
             self._open_until = time.monotonic() + self.cooldown
             self._trial_until = 0.0
 
+    def shut(self) -> None:
+        """For good: the store was closed, and a late caller (a background flush or prune)
+        must not open a connection nobody will close."""
+        with self._lock:
+            self.tripped = True
+            self._open_until = float("inf")
+
     def succeeded(self) -> None:
         if self.tripped:
             with self._lock:
-                if self.tripped:
+                if self.tripped and self._open_until != float("inf"):
                     self.tripped = False
                     log.warning("key store answering again")
 

@@ -471,6 +471,7 @@ class SqlKeyStore(KeyStore):
             return conn.execute(sa.select(sa.func.count()).select_from(keys_table)).scalar_one()
 
     def close(self) -> None:
+        self._breaker.shut()  # from now on every call is StoreUnavailable, without connecting
         self._drop_reader()
         with self._readers_lock:
             readers, self._open_readers = self._open_readers, set()
