@@ -17,6 +17,8 @@ from keys.verify import KeyLookup
 from keys.exc import ConfigError, StoreUnavailable
 from keys.store import SCHEMA_VERSION, KeyStore
 from keys.ratelimit import Limiter, open_limiter
+from keys.retention import AuditRetention
+from keys.store.breaker import describe
 from keys.tokens import TokenSigner
 from keys.usage import UsageRecorder
 
@@ -66,8 +68,8 @@ def open_checked_store(settings: Settings) -> KeyStore:
         version = store.schema_version()
     except StoreUnavailable as e:
         store.close()
-        reason = " ".join(str(e.__cause__ or e.detail).split())  # drivers' errors span lines
-        raise StoreUnavailable(f"KEYGATE_DATABASE_URL: cannot reach the key store: {reason}") from None
+        reason = describe(e.__cause__) if e.__cause__ is not None else e.detail  # one line
+        raise StoreUnavailable(f"KEYGATE_DATABASE_URL: the key store is unavailable: {reason}") from None
     if version < SCHEMA_VERSION:
         store.close()
         what = "is not initialised" if version == 0 else f"is at schema version {version}"
@@ -75,6 +77,32 @@ def open_checked_store(settings: Settings) -> KeyStore:
             f"KEYGATE_DATABASE_URL: the key store {what}; run `python manage.py init` first"
         )
     return store
+
+
+class KeygateFlask(Flask):
+    """Flask, answering OPTIONS with 204 and ``Allow`` (Flask's default is a 200 with an
+    empty ``text/html`` body); a CORS preflight, when enabled, adds its headers to it."""
+
+    def make_default_options_response(self) -> Response:
+        resp = super().make_default_options_response()
+        resp.status_code = 204
+        resp.headers.pop("Content-Type", None)
+        return resp
+
+
+#: What a browser may send and read when KEYGATE_CORS_ORIGINS allows its origin.
+CORS_ALLOW_HEADERS = ["API-Key", "Content-Type"]
+CORS_EXPOSE_HEADERS = ["Location", "Retry-After", "WWW-Authenticate", "RateLimit", "RateLimit-Policy",
+                       "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+
+
+def _enable_cors(app: Flask, origins: tuple[str, ...]) -> None:
+    """CORS for exactly these origins (flask-cors); without any, no Access-Control-* header."""
+    from flask_cors import CORS
+
+    CORS(app, origins=list(origins), allow_headers=CORS_ALLOW_HEADERS,
+         expose_headers=CORS_EXPOSE_HEADERS, methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
+         supports_credentials=False, max_age=600)
 
 
 class _NoSessions(SessionInterface):
@@ -108,7 +136,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     """
     config = dict(config or {})
     settings = load_settings(config)
-    app = Flask(__name__)
+    app = KeygateFlask(__name__)
     app.response_class = KeygateResponse
     # keygate has no cookie sessions; Flask would open and save one on every request
     # (~18 µs measured in bench/).
@@ -145,7 +173,12 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     limiter = open_configured_limiter(settings)
     RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
     app.extensions["keygate.signer"] = signer
-    app.extensions["keygate.close"] = _closer(usage, limiter, store)
+    retention = AuditRetention(store, settings.audit_retention)
+    retention.start()
+    app.extensions["keygate.retention"] = retention
+    app.extensions["keygate.close"] = _closer(retention, usage, limiter, store)
+    if settings.cors_origins:
+        _enable_cors(app, settings.cors_origins)
 
     api = KeygateApi(
         app,
@@ -167,6 +200,6 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
                *admin_keys.namespaces(auth, usage)]:
         api.add_namespace(ns)
 
-    openapi.register(app)  # GET /openapi.json: the full OpenAPI 3.0.3 contract
+    openapi.register(app, token_max_ttl=settings.token_max_ttl)  # GET /openapi.json
     register_problem_handlers(app)
     return app

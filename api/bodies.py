@@ -7,26 +7,37 @@ from typing import Any
 
 from flask import request
 
-from keys.exc import InvalidRequest
+from keys.exc import InvalidRequest, PayloadTooLarge
 from keys.parse import MAX_DURATION, parse_duration
 
 MAX_BODY = 64 * 1024
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook: ``{"scopes": [...], "scopes": ["admin"]}`` is refused, not read as
+    its last value (what a validating proxy in front saw may be the first)."""
+    data: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in data:
+            raise InvalidRequest(f"duplicate field {name[:40]!r}", field=name[:40])
+        data[name] = value
+    return data
 
 
 def json_body(allowed: set[str], required: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The JSON object body; none at all means ``{}``. Unknown fields are refused, so a
     typo (``scope`` for ``scopes``) is an error rather than silently ignored."""
     if request.content_length and request.content_length > MAX_BODY:
-        raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
+        raise PayloadTooLarge(f"body must be at most {MAX_BODY} bytes")
     # A chunked body has no Content-Length: read one byte past the limit, never the rest.
     raw = request.stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
-        raise InvalidRequest(f"body must be at most {MAX_BODY} bytes", field="body")
+        raise PayloadTooLarge(f"body must be at most {MAX_BODY} bytes")
     if not raw:  # no body; whitespace alone (or \v, which bytes.strip() also took) is not JSON
         data: Any = {}
     else:
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, object_pairs_hook=_refuse_duplicates)
         except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting ([[[[…)
             raise InvalidRequest("body is not valid JSON", field="body") from None
     if not isinstance(data, dict):

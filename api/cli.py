@@ -7,6 +7,7 @@ Errors are one line on stderr and a non-zero exit (1 for a refused operation,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -23,13 +24,15 @@ from keys import (
     issue_key,
     revoke_key,
 )
-from keys.exc import InvalidRequest
+from keys.exc import InvalidRequest, StoreUnavailable
 from keys.issuing import cli_actor, not_a_key_id, rotate_key
 from keys.keyformat import PREFIX
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
 from keys.tokens import TokenSigner, mint_token
 from keys.store import KeyStore
+from keys.store.breaker import describe
+from keys.strength import GENERATE_SECRET
 
 from .config import Settings, default_threads, load_serve_settings, load_settings
 from .openapi import package_version
@@ -88,6 +91,9 @@ class Cli(click.Group):
             return super().invoke(ctx)
         except InvalidRequest as e:
             fail(_as_typed(e), 2)
+        except StoreUnavailable as e:
+            # The operator, unlike an API client, is told the cause (one line).
+            fail(e.detail if e.__cause__ is None else f"{e.detail} ({describe(e.__cause__)})")
         except KeygateError as e:
             fail(e.detail)
         except BrokenPipeError:
@@ -175,6 +181,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 @click.version_option(package_version(), "--version", prog_name="keygate", message="%(prog)s %(version)s")
 def cli() -> None:
     """keygate: API keys for a Flask-RESTX service."""
+    # The library logs outages for a server's log; here the one error line says it all
+    # (Python would otherwise print those warnings on stderr too). `serve` configures its own.
+    logging.getLogger("keygate").addHandler(logging.NullHandler())
 
 
 @cli.command()
@@ -197,6 +206,10 @@ def init(no_admin_key: bool, as_json: bool) -> None:
         })
         return
     click.echo(f"Key store ready at schema version {version}.", err=True)
+    if "KEYGATE_SECRET_KEY" not in os.environ:
+        click.echo("Query tokens are signed with the secret generated in the instance directory; "
+                   f"to set your own, KEYGATE_SECRET_KEY=$({GENERATE_SECRET}) (the same on every "
+                   "instance).", err=True)
     if issued is not None:
         click.echo(f"The store was empty: created admin key {issued.record.id}.", err=True)
         _print_secret(issued.plaintext)

@@ -11,6 +11,7 @@ with one line naming the variable instead of failing on the first request.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections.abc import Mapping
@@ -21,11 +22,15 @@ from typing import Any
 from dotenv import load_dotenv
 
 from keys.exc import ConfigError, InvalidRequest
-from keys.parse import parse_duration, parse_rate_limit
+from keys.parse import format_duration, parse_duration, parse_rate_limit
 from keys.ratelimit_redis import check_prefix
+from keys.strength import GENERATE_SECRET, MIN_LENGTH
+from keys.strength import weakness as secret_weakness
 
 PREFIX = "KEYGATE_"
-MIN_SECRET_LENGTH = 32
+MIN_SECRET_LENGTH = MIN_LENGTH
+#: The shortest audit retention taken: anything less is likelier a unit left out than intent.
+MIN_RETENTION = 86400
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 
@@ -51,6 +56,8 @@ class Settings:
     instance_path: Path
     ratelimit_fail_open: bool = False
     ratelimit_prefix: str = "keygate:"
+    audit_retention: int = 90 * 86400
+    cors_origins: tuple[str, ...] = ()
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -86,10 +93,11 @@ def _secret_keys(raw: str | None, instance: Path) -> tuple[str, ...]:
     if not any(keys):
         raise ConfigError("KEYGATE_SECRET_KEY is set but empty; unset it to use instance/secret_key")
     for i, key in enumerate(keys, 1):
-        if len(key) < MIN_SECRET_LENGTH:
+        why = secret_weakness(key)
+        if why is not None:
+            which = f"secret #{i}" if len(keys) > 1 else "the secret"
             raise ConfigError(
-                f"KEYGATE_SECRET_KEY: secret #{i} is too weak; use at least {MIN_SECRET_LENGTH} "
-                "random characters (python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+                f"KEYGATE_SECRET_KEY: {which} is too weak ({why}); generate one with {GENERATE_SECRET}"
             )
     return keys
 
@@ -103,6 +111,20 @@ def _storage_url(raw: str | None) -> str | None:
             f"KEYGATE_RATELIMIT_STORAGE_URL: unknown storage {scheme or raw[:30]!r}; use redis://host:port"
         )
     return raw
+
+
+_ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _cors_origins(raw: str | None) -> tuple[str, ...]:
+    """Exact origins (``https://app.example.com``), comma-separated: no wildcards, no paths."""
+    origins = tuple(o.strip().rstrip("/") for o in (raw or "").split(",") if o.strip())
+    for origin in origins:
+        if not _ORIGIN_RE.fullmatch(origin):
+            raise ConfigError(
+                f"KEYGATE_CORS_ORIGINS: {origin[:60]!r} is not an origin like https://app.example.com"
+            )
+    return origins
 
 
 @dataclass(frozen=True)
@@ -213,8 +235,12 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     try:
         default_rate = str(parse_rate_limit(default_rate, "KEYGATE_DEFAULT_RATE_LIMIT"))
         max_ttl = parse_duration(get("TOKEN_MAX_TTL") or "24h", "KEYGATE_TOKEN_MAX_TTL")
+        audit_retention = parse_duration(get("AUDIT_RETENTION") or "90d", "KEYGATE_AUDIT_RETENTION")
     except InvalidRequest as e:
         raise ConfigError(e.detail) from None
+    if audit_retention < MIN_RETENTION:  # "90" is seconds: meant as days, it would delete the trail
+        raise ConfigError(f"KEYGATE_AUDIT_RETENTION must be at least 1d (it is {format_duration(audit_retention)}); "
+                          "write days with a d, as in 90d")
 
     proxies_raw = str(get("TRUSTED_PROXIES") or "0")
     if not proxies_raw.isdigit() or int(proxies_raw) > 10:
@@ -239,4 +265,6 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         instance_path=instance,
         ratelimit_fail_open=_BOOLEANS[fail_open_raw],
         ratelimit_prefix=prefix,
+        audit_retention=audit_retention,
+        cors_origins=_cors_origins(get("CORS_ORIGINS")),
     )

@@ -49,8 +49,22 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def register(app: Flask, path: Path = OPENAPI_PATH) -> None:
+def with_token_max_ttl(body: str, token_max_ttl: int) -> str:
+    """The document as this server answers: ``TokenRequest.ttl``'s maximum is its
+    ``KEYGATE_TOKEN_MAX_TTL`` (openapi.yaml says the default, 24 hours)."""
+    document = json.loads(body)
+    ttl = document.get("components", {}).get("schemas", {}).get("TokenRequest", {}) \
+        .get("properties", {}).get("ttl")
+    if ttl is None or ttl.get("maximum") == token_max_ttl:
+        return body
+    ttl["maximum"] = token_max_ttl
+    return json.dumps(document)
+
+
+def register(app: Flask, path: Path = OPENAPI_PATH, token_max_ttl: int | None = None) -> None:
     body = load_document(path)
+    if body is not None and token_max_ttl is not None:
+        body = with_token_max_ttl(body, token_max_ttl)
 
     def openapi_json() -> Response:
         if body is None:

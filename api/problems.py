@@ -18,6 +18,7 @@ from keys.exc import (
     KeygateError,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
 )
 from keys.redact import redact
 
@@ -29,6 +30,7 @@ _HTTP_CODES = {
     400: InvalidRequest,
     404: NotFound,
     405: MethodNotAllowed,
+    413: PayloadTooLarge,
 }
 
 
@@ -52,6 +54,8 @@ def _from_http_exception(e: HTTPException) -> KeygateError | None:
         return NotFound(f"nothing at {redact(request.path)}")
     if cls is MethodNotAllowed:
         return MethodNotAllowed(f"{request.method} is not allowed on {redact(request.path)}")
+    if cls is PayloadTooLarge:
+        return PayloadTooLarge("the body is too large")
     # Flask-RESTX puts validation details in e.data; werkzeug in e.description.
     errors = (getattr(e, "data", None) or {}).get("errors")
     if errors:

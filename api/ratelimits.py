@@ -22,7 +22,8 @@ ENVIRON_KEY = "keygate.rate_limit"
 
 
 class RateLimits:
-    """Flask extension: every authorised request counts against its key's limit."""
+    """Flask extension: every request a key makes counts against its limit, refused for
+    scope or not; only authorised ones count as uses."""
 
     def __init__(self, app: Flask, auth: KeyAuth, limiter: Limiter, default: str,
                  usage: UsageRecorder, fail_open: bool = False) -> None:
@@ -31,7 +32,8 @@ class RateLimits:
         self.usage = usage
         self.fail_open = fail_open
         self._last_outage_log = 0.0
-        auth.after_authentication(self._on_request)
+        auth.after_identification(self._on_request)  # 403s for scope count too
+        auth.after_authentication(self._on_authorised)
         app.response_class = type("Response", (RateLimitHeaders, app.response_class), {})
         app.extensions["keygate.ratelimits"] = self
 
@@ -51,7 +53,6 @@ class RateLimits:
             self._log_outage(e)
             if not self.fail_open:
                 raise
-            self.usage.hit(principal.key_id)
             return
         request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
@@ -59,7 +60,9 @@ class RateLimits:
                 f"this key allows {state.limit}; retry in {state.retry_after} s",
                 retry_after=state.retry_after,
             )
-        self.usage.hit(principal.key_id)
+
+    def _on_authorised(self, principal: Principal) -> None:
+        self.usage.hit(principal.key_id)  # use_count counts what the key was let do
 
     def _log_outage(self, e: Exception) -> None:
         now = time.monotonic()

@@ -12,7 +12,11 @@ anything else takes RESTX's own path, unchanged (measured in bench/README.md).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
+from functools import lru_cache
 from typing import Any
 
 import flask_restx
@@ -23,6 +27,25 @@ from .problems import problem_response
 _JSON = "application/json"
 # Accept values for which RESTX's negotiation can only pick JSON (its one representation).
 _ACCEPTS_JSON = frozenset({None, "", "*/*", _JSON})
+
+
+_INLINE_SCRIPT = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S)
+
+
+@lru_cache(maxsize=8)
+def docs_headers(html: str) -> dict[str, str]:
+    """CSP for the Swagger UI page: its scripts and styles come from this server (the page's
+    one inline script is allowed by its hash); it calls only this server; nothing frames it.
+    Styles may be inline: Swagger UI sets them as it renders, and a style runs no code."""
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(m.group(1).encode()).digest()).decode() + "'"
+        for m in _INLINE_SCRIPT.finditer(html))
+    policy = ("default-src 'none'; "
+              f"script-src 'self' {hashes}; ".replace("  ", " ")
+              + "style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; "
+              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer"}
 
 
 class Resource(flask_restx.Resource):
@@ -72,6 +95,13 @@ class KeygateApi(flask_restx.Api):
 
     def handle_error(self, e: Exception) -> Response:  # noqa: D102 (see class docstring)
         return problem_response(e)
+
+    def render_doc(self) -> Response:
+        """The Swagger UI page, which may run only its own scripts and never be framed."""
+        html = super().render_doc()
+        resp = current_app.response_class(html, mimetype="text/html")
+        resp.headers.update(docs_headers(html))
+        return resp
 
     def make_response(self, data: Any, *args: Any, **kwargs: Any) -> Response:
         app = current_app

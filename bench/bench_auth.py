@@ -316,6 +316,7 @@ def auth_only_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     """The real app, minus the after-authentication hooks (rate limits, usage counts),
     so its rows measure key authentication alone."""
     bench = _bench_app(fixture, instance_path)
+    bench.auth._after_identification.clear()  # noqa: SLF001
     bench.auth._after_auth.clear()  # noqa: SLF001
     return bench
 
@@ -326,7 +327,8 @@ def limits_usage_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     flusher. The default limit is far above what the batches send, so nothing is refused."""
     bench = _bench_app(fixture, instance_path, DEFAULT_RATE_LIMIT=HUGE_RATE_LIMIT)
     limits = bench.app.extensions["keygate.ratelimits"]
-    assert bench.auth._after_auth == [limits._on_request], "expected the rate-limit hook only"  # noqa: SLF001
+    assert bench.auth._after_identification == [limits._on_request], "expected the rate-limit hook"  # noqa: SLF001
+    assert bench.auth._after_auth == [limits._on_authorised], "expected the usage hook only"  # noqa: SLF001
     assert type(limits.limiter).__name__ == "SharedMemoryLimiter", type(limits.limiter)
     return bench
 

@@ -9,6 +9,7 @@ from .exc import (
     AccessDenied,
     AuthenticationError,
     ConfigError,
+    Conflict,
     InsufficientScope,
     InvalidCredentials,
     InvalidRequest,
@@ -21,6 +22,7 @@ from .exc import (
     MissingCredentials,
     MultipleCredentials,
     NotFound,
+    PayloadTooLarge,
     RateLimited,
     StoreUnavailable,
     TokenExpired,
@@ -36,12 +38,12 @@ from .tokens import TokenSigner
 from .verify import match_key, verify_key
 
 __all__ = [
-    "AccessDenied", "AuthenticationError", "BearerKey", "ConfigError", "CredentialSource", "HeaderKey",
-    "InsufficientScope", "InvalidCredentials", "InvalidRequest", "InvalidToken", "IpNotAllowed",
+    "AccessDenied", "AuthenticationError", "BearerKey", "ConfigError", "Conflict", "CredentialSource",
+    "HeaderKey", "InsufficientScope", "InvalidCredentials", "InvalidRequest", "InvalidToken", "IpNotAllowed",
     "IssuedKey", "KeyAuth", "KeyAuthState", "KeyExpired", "KeyRecord", "KeyRevoked", "KeyStore",
     "KeygateError", "MemoryKeyStore", "MethodNotAllowed", "MissingCredentials", "MultipleCredentials",
-    "NotFound", "Principal", "QueryToken", "RateLimited", "Scopes", "StoreUnavailable", "TokenExpired",
-    "TokenSigner", "current_principal", "find_by_plaintext", "generate_key", "get_key", "hash_key",
-    "issue_key", "looks_like_key", "match_key", "open_store", "parse_key", "problem_response",
+    "NotFound", "PayloadTooLarge", "Principal", "QueryToken", "RateLimited", "Scopes", "StoreUnavailable",
+    "TokenExpired", "TokenSigner", "current_principal", "find_by_plaintext", "generate_key", "get_key",
+    "hash_key", "issue_key", "looks_like_key", "match_key", "open_store", "parse_key", "problem_response",
     "revoke_key", "rotate_key", "verify_key",
 ]

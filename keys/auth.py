@@ -118,6 +118,7 @@ class KeyAuth:
         self.sources: list[CredentialSource] = []
         for source in [HeaderKey()] if sources is None else sources:
             self.add_source(source)
+        self._after_identification: list[Callable[[Principal], None]] = []
         self._after_auth: list[Callable[[Principal], None]] = []
         self._on_failure: list[Callable[[KeygateError], None]] = []
         self._render: ErrorRenderer | None = None
@@ -191,8 +192,15 @@ class KeyAuth:
             raise ValueError(f"a credential source of kind {source.kind!r} is already configured")
         self.sources.append(source)
 
+    def after_identification(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
+        """Register ``hook(principal)`` to run once the credential is verified, before the
+        scope is checked: it sees every request a key makes, refused for scope or not (rate
+        limits: a stolen key probing scopes spends its own quota)."""
+        self._after_identification.append(hook)
+        return hook
+
     def after_authentication(self, hook: Callable[[Principal], None]) -> Callable[[Principal], None]:
-        """Register ``hook(principal)`` to run once a request is authorised (rate limits, usage)."""
+        """Register ``hook(principal)`` to run once a request is authorised (usage)."""
         self._after_auth.append(hook)
         return hook
 
@@ -268,7 +276,11 @@ class KeyAuth:
         except AuthenticationError as e:
             raise self._challenged(e, state, source, accept, refused=True) from None
         if principal.record.allowed_ips:
+            # Not counted against the key's limit: from outside its allow-list, a stolen key
+            # could otherwise use up its owner's quota.
             check_ip(principal.record, req.remote_addr)
+        for hook in self._after_identification:
+            hook(principal)  # before the scope check: a key's refused requests count too
         if source.kind not in accept:
             needs = "" if scope is None else f"; it needs the {scope!r} scope"
             via = " or ".join(s.description for s in self.sources if s.kind in accept)

@@ -39,6 +39,8 @@ class StoreUnavailable(KeygateError):
     status = 503
     code = "store_unavailable"
     title = "Key store unavailable"
+    #: What a client is told; the cause goes to the server's log only (it may name hosts).
+    default_detail = "the key store is unavailable; try again shortly"
     #: A hint for clients: long enough not to hammer a recovering store, short enough for a blip.
     retry_after = 5
 
@@ -143,7 +145,7 @@ class IpNotAllowed(AccessDenied):
     title = "Address not allowed"
 
 
-# -- 404 / 405 / 429 ---------------------------------------------------------
+# -- 404 / 405 / 409 / 413 / 429 -----------------------------------------------
 
 
 class NotFound(KeygateError):
@@ -156,6 +158,20 @@ class MethodNotAllowed(KeygateError):
     status = 405
     code = "method_not_allowed"
     title = "Method not allowed"
+
+
+class Conflict(KeygateError):
+    """The request contradicts the resource's state (rotating a revoked key)."""
+
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class PayloadTooLarge(KeygateError):
+    status = 413
+    code = "payload_too_large"
+    title = "Payload too large"
 
 
 class RateLimited(KeygateError):

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from .exc import InvalidCredentials, InvalidRequest, NotFound
+from .exc import Conflict, InvalidCredentials, NotFound
 from .keyformat import ID_LENGTH, PREFIX, generate_key, hash_key, is_key_id, looks_like_key
 from .model import AuditEvent, KeyRecord
 from .parse import parse_name, parse_networks, parse_rate_limit
@@ -119,11 +119,9 @@ def rotate_key(store: KeyStore, key_id: str, *, grace: int | None = None,
     now = time.time() if now is None else now
     old = get_key(store, key_id)
     if old.revoked_at is not None:
-        raise InvalidRequest(
-            f"key {key_id} is already revoked or rotated; rotate its replacement instead", field="id"
-        )
+        raise Conflict(f"key {key_id} is already revoked or rotated; rotate its replacement instead")
     if old.expires_at is not None and old.expires_at <= now:
-        raise InvalidRequest(f"key {key_id} has expired; create a new key instead", field="id")
+        raise Conflict(f"key {key_id} has expired; create a new key instead")
     key = generate_key()
     new = old.replace(
         id=key.key_id, key_hash=hash_key(key.plaintext), created_at=now, revoked_at=None,

@@ -19,6 +19,18 @@ def isoformat(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+#: The longest actor the audit trail stores (its column's width).
+ACTOR_LENGTH = 120
+
+
+def escape_unprintable(text: str) -> str:
+    """``text`` with every character ``str.isprintable`` refuses (controls, line breaks,
+    bidi overrides, ...) written as a Python escape: ``"a\nb"`` → ``"a\\x0ab"``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class KeyRecord(NamedTuple):
     """One stored key. Holds the hash of the secret, never the secret.
 
@@ -95,6 +107,11 @@ class AuditEvent:
     at: float
     detail: dict[str, Any] = dataclasses.field(default_factory=dict)
     id: int | None = None
+
+    def __post_init__(self) -> None:
+        # The actor comes from outside (an OS user name, LOGNAME): stored escaped, so it can't
+        # forge a line of an audit listing or carry an escape sequence into a terminal.
+        object.__setattr__(self, "actor", escape_unprintable(self.actor)[:ACTOR_LENGTH])
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .exc import ConfigError, StoreUnavailable
+from .files import private_dir
 from .forking import after_fork_in_child
 from .parse import RateLimit
 
@@ -230,7 +231,7 @@ def _open_table(path: Path, size: int, header: bytes) -> int:
     mapping past the end of a shrunk file is SIGBUS. ``<path>.lock`` serialises the
     replacement, so processes starting together agree on one table.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(path.parent)  # the table holds key ids: 0700 directory, 0600 files
     lock = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -190,4 +190,4 @@ class RedisLimiter(Limiter):
 def _sha1(script: str) -> str:
     import hashlib
 
-    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts by SHA-1

@@ -65,7 +65,17 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 @lru_cache(maxsize=1024)
 def _networks(allowed: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     # Addresses are compared in IPv4 form when they are IPv4-mapped, so the blocks are too.
-    return tuple(_network(n) for n in allowed)
+    # An entry that doesn't parse (written by an older keygate, or by hand) admits nobody:
+    # refused with 403 like any address outside the list, never a 500 and never "anywhere".
+    networks = []
+    for text in allowed:
+        try:
+            net = _network(text)
+        except ValueError:
+            continue
+        if getattr(net.network_address, "scope_id", None) is None:  # "::%eth0": never written now
+            networks.append(net)
+    return tuple(networks)
 
 
 def ip_allowed(allowed: tuple[str, ...], address: str | None) -> bool:

@@ -7,6 +7,7 @@ SQLite store that an in-process app then serves from.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from types import SimpleNamespace
@@ -192,6 +193,18 @@ BAD_CREATES = [
      "allowed_ips"),
     ("unknown field", '{"name": "x", "scopes": ["data:read"], "scope": "admin"}', "scope"),
     ("key supplied", '{"name": "x", "scopes": ["data:read"], "key": "kg_mine"}', "key"),
+    # issue 12: the last duplicate used to win, creating an admin key
+    ("duplicate scopes", '{"name": "x", "scopes": ["data:read"], "scopes": ["admin"]}', "scopes"),
+    ("duplicate name", '{"name": "x", "name": "y", "scopes": ["data:read"]}', "name"),
+    # issue 12: a zone id swallowed a second entry: stored as two, working from anywhere
+    ("zone id and a space", '{"name": "x", "scopes": ["data:read"], "allowed_ips": ["::%x 0.0.0.0/0"]}',
+     "allowed_ips"),
+    ("zone id", '{"name": "x", "scopes": ["data:read"], "allowed_ips": ["fe80::1%eth0"]}', "allowed_ips"),
+    ("zone id, bad second half", '{"name": "x", "scopes": ["data:read"], "allowed_ips": ["::%x 10.0.0.1/128"]}',
+     "allowed_ips"),
+    ("empty allowed_ips item", '{"name": "x", "scopes": ["data:read"], "allowed_ips": [""]}', "allowed_ips"),
+    ("leading zero rate", '{"name": "x", "scopes": ["data:read"], "rate_limit": "010/minute"}', "rate_limit"),
+    ("bidi override in the name", '{"name": "adm\\u202eni", "scopes": ["data:read"]}', "name"),
 ]
 
 
@@ -381,7 +394,7 @@ def test_rotate_without_grace_stops_the_old_key_now(client, store, A):
     assert_no_secrets(shown.get_data(as_text=True) + resp.get_data(as_text=True), store)
 
     # A rotated key can't be rotated again: rotate its replacement.
-    again = problem(client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={}), 400, "invalid_request")
+    again = problem(client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={}), 409, "conflict")
     assert old.record.id in again["detail"]
     assert store.count() == 3
 
@@ -405,7 +418,7 @@ def test_rotate_with_grace_keeps_the_old_key_until_it_ends(client, store, A, mon
         verify_key(store, old.plaintext, now=stops)
 
     # In a grace period the key is on its way out: no second rotation.
-    problem(client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={}), 400, "invalid_request")
+    problem(client.post(f"/admin/keys/{old.record.id}/rotate", headers=A, json={}), 409, "conflict")
 
     # An hour later (by the verifier's clock) the old key is refused over HTTP too.
     monkeypatch.setattr(keys.verify, "time", SimpleNamespace(time=lambda: stops + 1))
@@ -435,13 +448,18 @@ def test_revoking_during_grace_stops_the_old_key_at_once(client, store, A):
 
 
 @MEMORY_ONLY
-def test_rotating_a_revoked_or_expired_key_is_400(client, store, A):
+def test_rotating_a_revoked_rotated_or_expired_key_is_a_409_conflict(client, store, A):
+    """A well-formed request the key's state refuses (issue 12: it was a 400)."""
     revoked = issue_key(store, name="r", scopes=["data:read"])
     client.delete(f"/admin/keys/{revoked.record.id}", headers=A)
-    problem(client.post(f"/admin/keys/{revoked.record.id}/rotate", headers=A, json={}), 400, "invalid_request")
+    assert "already revoked" in problem(
+        client.post(f"/admin/keys/{revoked.record.id}/rotate", headers=A, json={}), 409, "conflict")["detail"]
     expired = issue_key(store, name="e", scopes=["data:read"], expires_in=60, now=time.time() - 120)
-    problem(client.post(f"/admin/keys/{expired.record.id}/rotate", headers=A, json={}), 400, "invalid_request")
-    assert store.count() == 3  # no replacement was made
+    problem(client.post(f"/admin/keys/{expired.record.id}/rotate", headers=A, json={}), 409, "conflict")
+    rotated = issue_key(store, name="o", scopes=["data:read"])
+    assert client.post(f"/admin/keys/{rotated.record.id}/rotate", headers=A, json={"grace": "1h"}).status_code == 201
+    problem(client.post(f"/admin/keys/{rotated.record.id}/rotate", headers=A, json={}), 409, "conflict")
+    assert store.count() == 5  # no replacement was made but the one that was allowed
 
 
 @MEMORY_ONLY
@@ -516,3 +534,44 @@ def test_rotate_key_cli_with_grace(env, cli_store, cli_client, monkeypatch):
     monkeypatch.setattr(keys.verify, "time", SimpleNamespace(time=lambda: stops + 1))
     problem(cli_client.get("/secret", headers={"API-Key": old.plaintext}), 401, "key_revoked")
     assert cli_client.get("/secret", headers={"API-Key": new_key}).status_code == 200
+
+
+# -- issue 12: bodies, allow-lists as stored --------------------------------------------------
+
+
+@MEMORY_ONLY
+@pytest.mark.parametrize("path", ["/admin/keys", "/tokens", "/admin/keys/{id}/rotate"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_64_kib_is_413(client, store, A, path, chunked):
+    target = issue_key(store, name="t", scopes=["data:read"])
+    body = b'{"name": "' + b"x" * (64 * 1024) + b'"}'
+    if chunked:  # no Content-Length: the body is read up to the limit, no further
+        resp = client.post(path.format(id=target.record.id), headers={**A, "Transfer-Encoding": "chunked"},
+                           input_stream=io.BytesIO(body), content_type="application/json",
+                           environ_overrides={"wsgi.input_terminated": True})
+    else:
+        resp = client.post(path.format(id=target.record.id), headers=A, data=body, content_type="application/json")
+    assert problem(resp, 413, "payload_too_large")["detail"] == "body must be at most 65536 bytes"
+    assert store.count() == 2
+
+
+@MEMORY_ONLY
+def test_a_duplicate_field_in_a_token_request_is_refused(client, A):
+    resp = client.post("/tokens", headers=A, data='{"ttl": 86400000, "ttl": 60}', content_type="application/json")
+    assert "ttl" in problem(resp, 400, "invalid_request")["detail"]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+@pytest.mark.parametrize("stored", ["::%x 10.0.0.1/128", "::%x 0.0.0.0/0", '["10.0.0.1/8"]', "[nope"])
+def test_a_bad_stored_allow_list_entry_is_403_never_500(client, store, A, stored):
+    """Entries written by an older keygate (space-separated, split apart) or by hand."""
+    import sqlalchemy as sa
+
+    from keys.store.schema import keys_table
+
+    fenced = issue_key(store, name="f", scopes=["secret:read"], allowed_ips=["192.0.2.0/24"])
+    with store.engine.begin() as conn:
+        conn.execute(keys_table.update().where(keys_table.c.id == fenced.record.id).values(allowed_ips=stored))
+    client.application.extensions["keygate"].lookup.clear()
+    problem(client.get("/secret", headers={"API-Key": fenced.plaintext}), 403, "ip_not_allowed")
+    assert client.get(f"/admin/keys/{fenced.record.id}", headers=A).status_code == 200

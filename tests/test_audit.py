@@ -13,7 +13,7 @@ import time
 import pytest
 
 from api import create_app
-from conftest import invoke_cli, iso
+from conftest import invoke_cli, iso, run_cli
 from keys import generate_key, issue_key, open_store
 
 PROBLEM = "application/problem+json"
@@ -312,3 +312,111 @@ def test_cli_lifecycle_events_and_the_audit_command(env, tmp_path):
         outputs.append(proc.stderr)
 
     assert_free_of("\n".join(outputs), secrets + hashes)
+
+
+# -- issue 12: token mints summarised, retention, actors that can't forge lines ----------------
+
+
+def test_token_mints_are_one_summary_event_per_key_and_hour(client, store, admin, A):
+    reader = issue_key(store, name="reader", scopes=["secret:read", "data:read"])
+    R = {"API-Key": reader.plaintext}  # noqa: N806
+    before = len(audit(client, A, limit=1000)["events"])
+    for i in range(30):
+        body = {"scopes": ["data:read"], "ttl": 60} if i % 2 else {"scopes": ["secret:read"], "ttl": 600}
+        assert client.post("/tokens", headers=R, json=body).status_code == 201
+    assert client.post("/tokens", headers=A).status_code == 201
+    events = audit(client, A, limit=1000)["events"]
+    assert len(events) == before + 2  # not 31 more
+    (mints,) = [e for e in events if e["event"] == "mint_token" and e["key_id"] == reader.record.id]
+    assert mints["actor"] == f"key:{reader.record.id}"
+    assert mints["detail"]["count"] == 30
+    assert sorted(mints["detail"]["scopes"]) == ["data:read", "secret:read"]
+    assert iso(mints["detail"]["last_at"]) >= iso(mints["at"])
+    assert abs(iso(mints["detail"]["expires_at"]) - (time.time() + 600)) < 60  # the latest expiry
+    assert_free_of(json.dumps(events), [reader.plaintext])
+
+
+def test_a_new_hour_starts_a_new_summary(store, make_app, monkeypatch):
+    import keys.tokens
+
+    app = make_app(store)
+    client = app.test_client()
+    reader = issue_key(store, name="reader", scopes=["data:read"])
+    start = 1_900_000_800.0  # an hour's first second (a multiple of 3600)
+    for offset in (0, 1, 3599, 3600, 3601):
+        monkeypatch.setattr(keys.tokens.time, "time", lambda o=offset: start + o)
+        assert client.post("/tokens", headers={"API-Key": reader.plaintext}).status_code == 201
+    counts = [e.detail["count"] for e in store.events(key_id=reader.record.id) if e.event == "mint_token"]
+    assert counts == [2, 3]  # newest first
+
+
+def test_audit_retention_runs_in_the_background_without_blocking_requests(tmp_path, monkeypatch):
+    import threading
+
+    from keys.model import AuditEvent
+    from keys.retention import AuditRetention
+    from keys.store import MemoryKeyStore
+
+    store = MemoryKeyStore()
+    admin = issue_key(store, name="admin", scopes=["admin"])
+    now = time.time()
+    for age_days in (400, 120, 91, 89, 1):
+        store.record_event(AuditEvent("create", "AAAAAAAAAAAA", "cli:t", now - age_days * 86400))
+    app = create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path), "AUDIT_RETENTION": "90d"},
+                     store=store)
+    assert app.extensions["keygate.retention"].keep_seconds == 90 * 86400
+    app.extensions["keygate.close"]()
+
+    release, pruning = threading.Event(), threading.Event()
+    prune = store.prune_events
+
+    def slow_prune(before: float, batch: int = 1000) -> int:
+        pruning.set()
+        release.wait(10)
+        return prune(before, batch)
+
+    monkeypatch.setattr(store, "prune_events", slow_prune)
+    retention = AuditRetention(store, 90 * 86400, first_after=0.01)
+    retention.start()
+    assert pruning.wait(5), "the retention thread never ran"
+    client = create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / "b")},
+                        store=store).test_client()
+    started = time.monotonic()
+    assert client.get("/admin", headers={"API-Key": admin.plaintext}).status_code == 200  # while it prunes
+    assert time.monotonic() - started < 2
+    release.set()
+    deadline = time.monotonic() + 5
+    while len(store.events(key_id="AAAAAAAAAAAA")) != 2:
+        assert time.monotonic() < deadline, "old events were not pruned"
+        time.sleep(0.05)
+    assert sorted(round((now - e.at) / 86400) for e in store.events(key_id="AAAAAAAAAAAA")) == [1, 89]
+    retention.close()
+
+
+@pytest.mark.parametrize("value", ["forever", "0d", "-1d", "90", "23h"])
+def test_a_bad_audit_retention_names_the_variable(value):
+    """"90" is 90 seconds (plain seconds are a duration): refused, or it would delete the trail
+    of someone who meant days."""
+    from keys.exc import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        create_app({"DATABASE_URL": "memory://", "AUDIT_RETENTION": value})
+    assert "KEYGATE_AUDIT_RETENTION" in str(info.value)
+
+
+def test_a_hostile_os_user_name_cannot_forge_an_audit_line(env):
+    """LOGNAME with a newline and an escape sequence: stored escaped, one line per event."""
+    hostile = {**env, "LOGNAME": "evil\nline2 2026-01-01T00:00:00Z  revoke  AAAAAAAAAAAA  cli:root\x1b[2J",
+               "USER": "x", "LNAME": "x", "USERNAME": "x"}
+    admin = json.loads(run_cli(hostile, "init", "--json").stdout)["admin_key"]
+    assert run_cli(hostile, "create-key", "--name", "n", "--scope", "data:read").returncode == 0
+    text = run_cli(env, "audit")
+    assert text.returncode == 0
+    assert "\x1b" not in text.stdout
+    rows = [line for line in text.stdout.splitlines() if "cli:" in line]  # the table's event rows
+    assert len(rows) == 2 and all("cli:evil\\nline2" in row for row in rows), text.stdout
+    assert not any(line.startswith("2026-01-01") for line in text.stdout.splitlines())  # no forged row
+    trail = json.loads(run_cli(env, "audit", "--json").stdout)
+    for event in trail["events"]:
+        assert event["actor"].isprintable() and event["actor"].startswith("cli:evil\\nline2")
+    assert admin["id"] in {e["key_id"] for e in trail["events"]}

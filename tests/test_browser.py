@@ -190,3 +190,25 @@ def test_evidence_is_saved_on_failure(browser: Any, tmp_path: Path) -> None:
         context.close()
     assert (tmp_path / "failure.png").stat().st_size > 0
     assert "keygate" in (tmp_path / "failure.html").read_text()
+
+
+def test_the_docs_run_under_their_content_security_policy(page: Any, server) -> None:  # noqa: ANN001
+    """/docs carries a CSP that allows only its own scripts (issue 12), and Swagger UI still
+    renders, loads the document and executes a request without a single violation."""
+    violations: list[str] = []
+    page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+    page.on("pageerror", lambda error: violations.append(str(error)))
+    with evidence_on_failure(page, server):
+        response = page.goto(server.url + "/docs")
+        csp = response.headers["content-security-policy"]
+        script_src = csp.split("script-src")[1].split(";")[0]
+        assert "frame-ancestors 'none'" in csp and "'unsafe-inline'" not in script_src
+        assert response.headers["x-frame-options"] == "DENY"
+        page.get_by_role("button", name="Authorize").wait_for()
+        status, body = execute_get_secret(page)
+        assert status == "401" and body["code"] == "missing_credentials"
+        assert violations == []
+        # The policy is really enforced: a script injected into the page does not run.
+        ran = page.evaluate("""() => { const s = document.createElement('script');
+            s.textContent = 'window.injected = true'; document.body.appendChild(s); return !!window.injected; }""")
+        assert ran is False

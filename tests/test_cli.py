@@ -266,6 +266,10 @@ def _bad_inputs() -> list:
         "name 500": ["create-key", "--name", "x" * 500, "--scope", "admin"],
         "name NUL": ["create-key", "--name", "a\x00b", "--scope", "admin"],
         "name newline": ["create-key", "--name", "a\nb", "--scope", "admin"],
+        # issue 12: a zone id made one checked entry of two, the second "anywhere"
+        "allow-ip zone id": create + ["--allow-ip", "::%x 0.0.0.0/0"],
+        "allow-ip zone id alone": create + ["--allow-ip", "fe80::1%eth0"],
+        "allow-ip with spaces": create + ["--allow-ip", " 10.0.0.0/8"],
         "no name": ["create-key", "--scope", "admin"],
         # unknown ids and malformed --key
         "show unknown id": ["show-key", "AAAAAAAAAAAA"],
@@ -463,6 +467,10 @@ BAD_CONFIG = [
     ("KEYGATE_RATELIMIT_STORAGE_URL", "ftp://x"),
     ("KEYGATE_DEFAULT_RATE_LIMIT", "lots"),
     ("KEYGATE_TOKEN_MAX_TTL", "forever"),
+    ("KEYGATE_SECRET_KEY", "changeme-changeme-changeme-changeme"),  # issue 12: long but weak
+    ("KEYGATE_SECRET_KEY", "a" * 36),
+    ("KEYGATE_AUDIT_RETENTION", "forever"),
+    ("KEYGATE_CORS_ORIGINS", "*"),
 ]
 
 
@@ -716,3 +724,35 @@ def test_concurrent_create_key_all_succeed(env: dict[str, str]) -> None:
     metadata = _assert_store_sound(env, keys)
     assert len(metadata) == 10
 
+
+
+def test_init_says_how_to_make_a_good_secret(kg: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEYGATE_SECRET_KEY")
+    monkeypatch.setenv("KEYGATE_INSTANCE_PATH", str(Path(kg.url.removeprefix("sqlite:///")).parent / "inst"))
+    result = kg.ok("init", "--no-admin-key")
+    assert "KEYGATE_SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')" in result.stderr
+    monkeypatch.setenv("KEYGATE_SECRET_KEY", "test-secret-test-secret-test-secret")
+    weak = kg("init")
+    assert_clean_failure(weak.exit_code, weak.stderr, names="KEYGATE_SECRET_KEY")
+    assert "secrets.token_hex(32)" in weak.stderr and "test-secret" not in weak.stderr
+
+
+def test_a_store_outage_tells_the_operator_its_cause(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API client gets a generic 503; the person at the CLI gets the cause, in one line."""
+    monkeypatch.setenv("KEYGATE_DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port()}/x")
+    result = ready("list-keys")
+    assert_clean_failure(result.exit_code, result.stderr, names="refused")
+
+
+def test_init_makes_a_private_instance_whatever_the_umask(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 12: with KEYGATE_SECRET_KEY set (no secret file written), `init` left instance/
+    0755 and keygate.db 0644; every path now creates them 0700 and 0600."""
+    import stat
+
+    instance = Path(env["KEYGATE_INSTANCE_PATH"])
+    done = subprocess.run([sys.executable, str(ROOT / "manage.py"), "init", "--no-admin-key"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, umask=0)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(instance.stat().st_mode) == 0o700
+    for path in instance.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name

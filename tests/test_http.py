@@ -3,6 +3,7 @@ headers, hostile API-Key values, the API documents, proxies, and start-up config
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import time
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from api import create_app
+from conftest import strong_secret
 from keys import StoreUnavailable, issue_key, open_store
 from keys.exc import ConfigError
 from keys.keyformat import CHECKSUM_LENGTH, ID_LENGTH, PREFIX, generate_key
@@ -508,9 +510,42 @@ def test_uninitialised_store(store_url):
     assert "init" in message
 
 
-@pytest.mark.parametrize("secret", ["short", "x" * 31, " ", ",", "x" * 40 + ",short"])
+WEAK_SECRETS = {
+    "short": "short", "31 characters": "x" * 31, "blank": " ", "a comma": ",",
+    "one of a list": strong_secret() + ",short",
+    # issue 12: long, but not secret
+    "36 a's": "a" * 36, "changeme": "changeme-changeme-changeme-changeme",
+    "few distinct characters": "0123456789a" * 4,
+    "repetitive": "abcdefghijklm0" * 4,
+    "placeholder word, long and random": "Example" + strong_secret(),
+    "another placeholder": strong_secret()[:20] + "password" + strong_secret()[:20],
+    "the second of a rotation": strong_secret() + ",my-test-secret-" + strong_secret(),
+}
+
+
+@pytest.mark.parametrize("secret", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
 def test_weak_secret_key(secret):
-    config_error({"DATABASE_URL": "memory://", "SECRET_KEY": secret}, "KEYGATE_SECRET_KEY")
+    message = config_error({"DATABASE_URL": "memory://", "SECRET_KEY": secret}, "KEYGATE_SECRET_KEY")
+    assert "secrets.token_hex(32)" in message or "empty" in message  # how to make a good one
+    weak = secret.split(",")[-1]
+    assert len(weak) < 16 or weak not in message  # a real secret is never echoed
+
+
+@pytest.mark.parametrize("secret", [strong_secret(), "Zq8#tL1!" * 2 + strong_secret()[:24],
+                                    strong_secret() + "," + strong_secret()])
+def test_strong_secret_keys_are_accepted(secret, apps):
+    apps.append(create_app({"DATABASE_URL": "memory://", "SECRET_KEY": secret}, store=MemoryKeyStore()))
+
+
+def test_the_documented_generator_always_makes_an_accepted_secret():
+    """What the error message and `init` tell people to run: hexadecimal spells none of the
+    placeholder words, and 64 random hex digits are neither repetitive nor few."""
+    import secrets
+
+    from keys.strength import GENERATE_SECRET, weakness
+
+    assert "token_hex(32)" in GENERATE_SECRET
+    assert all(weakness(secrets.token_hex(32)) is None for _ in range(2000))
 
 
 @pytest.mark.parametrize("url", ["memcached://127.0.0.1:11211", "mongodb://h", "nonsense", "http://h:6379"])
@@ -582,3 +617,135 @@ def test_an_unreachable_store_at_start_up_is_a_keygate_error():
     """An app over an unreachable store refuses to start with a keygate error, not a driver's."""
     with pytest.raises((StoreUnavailable, ConfigError)):
         create_app({"DATABASE_URL": CLOSED_PG})
+
+
+# -- issue 12: files only their owner reads ------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask-000", "umask-022"])
+def test_the_instance_directory_and_its_files_are_private(tmp_path, umask, apps, secret_key):
+    """Whichever path creates them, with KEYGATE_SECRET_KEY set (no secret file written)."""
+    instance = tmp_path / "deep" / "instance"
+    db = instance / "keygate.db"
+    old = os.umask(umask)
+    try:
+        store = open_store(f"sqlite:///{db}")
+        store.migrate()
+        issue_key(store, name="k", scopes=["admin"])  # the WAL exists while a connection is open
+        app = create_app({"DATABASE_URL": f"sqlite:///{db}", "INSTANCE_PATH": str(instance),
+                          "SECRET_KEY": secret_key})
+        apps.append(app)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(instance.stat().st_mode) == 0o700
+    files = [p for p in instance.iterdir()]
+    assert {p.name for p in files} >= {"keygate.db", "keygate.db-wal", "keygate.db-shm"}
+    assert any(p.name.startswith("ratelimits-") for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p.name, oct(p.stat().st_mode))
+    store.close()
+
+
+def test_the_rate_limit_table_alone_makes_a_private_directory(tmp_path, apps, secret_key):
+    old = os.umask(0o022)
+    try:
+        apps.append(create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / "inst"),
+                                "SECRET_KEY": secret_key}, store=MemoryKeyStore()))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "inst").stat().st_mode) == 0o700
+    for p in (tmp_path / "inst").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+
+
+# -- issue 12: OPTIONS, CORS and the documentation page -------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/secret", "/data", "/admin/keys", "/tokens", "/healthz", "/admin/keys/AAAAAAAAAAAA"])
+def test_options_is_204_with_allow_and_no_body(mem, path):
+    resp = mem.client.options(path)
+    assert resp.status_code == 204
+    assert resp.get_data() == b"" and "Content-Type" not in resp.headers
+    assert "OPTIONS" in resp.headers["Allow"]
+    assert not [h for h in resp.headers.keys() if h.startswith("Access-Control-")]  # CORS is off
+
+
+def test_cors_is_off_by_default(mem):
+    key = mem.key("secret:read")
+    for resp in (mem.client.get("/secret", headers={"API-Key": key, "Origin": "https://app.example.com"}),
+                 mem.client.options("/secret", headers={"Origin": "https://app.example.com",
+                                                        "Access-Control-Request-Method": "GET",
+                                                        "Access-Control-Request-Headers": "API-Key"})):
+        assert not [h for h in resp.headers.keys() if h.startswith("Access-Control-")]
+
+
+@pytest.fixture
+def cors(apps) -> Harness:  # noqa: ANN001
+    harness = Harness(MemoryKeyStore(), "memory://",
+                      {"CORS_ORIGINS": "https://app.example.com, https://admin.example.com:8443"})
+    apps.append(harness.app)
+    return harness
+
+
+def test_a_preflight_from_a_listed_origin_may_send_the_api_key(cors):
+    resp = cors.client.options("/secret", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "api-key"})
+    assert resp.status_code == 204
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "api-key" in resp.headers["Access-Control-Allow-Headers"].lower()
+    assert "GET" in resp.headers["Access-Control-Allow-Methods"]
+    assert "Access-Control-Allow-Credentials" not in resp.headers
+    key = cors.key("secret:read")
+    real = cors.client.get("/secret", headers={"API-Key": key, "Origin": "https://app.example.com"})
+    assert real.status_code == 200 and real.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "RateLimit" in real.headers["Access-Control-Expose-Headers"]
+    refused = cors.client.get("/secret", headers={"Origin": "https://app.example.com"})
+    assert refused.status_code == 401 and "WWW-Authenticate" in refused.headers["Access-Control-Expose-Headers"]
+
+
+def test_a_preflight_from_an_unlisted_origin_gets_no_cors_headers(cors):
+    for origin in ("https://evil.example.com", "https://app.example.com.evil.example", "null",
+                   "http://app.example.com"):
+        resp = cors.client.options("/secret", headers={
+            "Origin": origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "api-key"})
+        assert resp.status_code == 204
+        assert not [h for h in resp.headers.keys() if h.startswith("Access-Control-")], origin
+        key = cors.key("secret:read")
+        resp = cors.client.get("/secret", headers={"API-Key": key, "Origin": origin})
+        assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+@pytest.mark.parametrize("origins", ["*", "app.example.com", "https://app.example.com/path", "https://*.example.com"])
+def test_bad_cors_origins_name_the_variable(origins):
+    config_error({"DATABASE_URL": "memory://", "CORS_ORIGINS": origins}, "KEYGATE_CORS_ORIGINS")
+
+
+def test_the_docs_page_has_a_csp_that_lets_only_its_own_scripts_run(mem):
+    import base64
+    import hashlib
+
+    resp = mem.client.get("/docs")
+    csp = resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["frame-ancestors"] == "'none'" and directives["default-src"] == "'none'"
+    assert "unsafe-inline" not in directives["script-src"] and "unsafe-eval" not in directives["script-src"]
+    html = resp.get_data(as_text=True)
+    inline = re.findall(r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", html, re.S)
+    assert inline, "the page's inline script"
+    for script in inline:
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in directives["script-src"]
+    for src in re.findall(r'<script[^>]*src="([^"]+)"', html):
+        assert src.startswith("/"), src  # served by keygate itself
+
+
+def test_the_served_document_states_this_servers_token_ttl(apps):
+    harness = Harness(MemoryKeyStore(), "memory://", {"TOKEN_MAX_TTL": "1h"})
+    apps.append(harness.app)
+    doc = harness.client.get("/openapi.json").get_json()
+    assert doc["components"]["schemas"]["TokenRequest"]["properties"]["ttl"]["maximum"] == 3600
+    key = harness.key("data:read")
+    assert harness.client.post("/tokens", headers={"API-Key": key}, json={"ttl": 3600}).status_code == 201
+    assert harness.client.post("/tokens", headers={"API-Key": key}, json={"ttl": 3601}).status_code == 400

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import time
 import tomllib
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 import keys
+from conftest import strong_secret
 from api import create_app
 from api.problems import PROBLEM_TYPE_BASE
 from keys.exc import KeygateError, StoreUnavailable, error_for_code
@@ -205,7 +205,7 @@ def store() -> keys.MemoryKeyStore:
 @pytest.fixture
 def app(store: keys.MemoryKeyStore, tmp_path: Path):  # noqa: ANN201
     return create_app(
-        {"DATABASE_URL": "memory://", "SECRET_KEY": secrets.token_urlsafe(36),
+        {"DATABASE_URL": "memory://", "SECRET_KEY": strong_secret(),
          "INSTANCE_PATH": str(tmp_path / "instance")},
         store=store,
     )
@@ -475,6 +475,8 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     call("post", "/tokens", url=f"/tokens?token={token['token']}", headers=rh, expect=400,
          code="multiple_credentials")
     call("post", "/tokens", headers=rh, json={"scopes": ["admin"]}, expect=403, code="insufficient_scope")
+    call("post", "/tokens", headers={**rh, "Content-Type": "application/json"}, data=b" " * 65537,
+         expect=413, code="payload_too_large")
 
     # key management
     created = call("post", "/admin/keys", headers=admin, expect=201, json={
@@ -495,7 +497,7 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
                    json={"grace": "1h"}, expect=201).get_json()
     assert rotated["replaces"] == created["id"]
     call("post", item + "/rotate", url=f"/admin/keys/{created['id']}/rotate", headers=admin,
-         expect=400, code="invalid_request")
+         expect=409, code="conflict")
     call("post", item + "/rotate", url="/admin/keys/AAAAAAAAAAAA/rotate", headers=admin, expect=404)
     call("delete", item, url=f"/admin/keys/{rotated['id']}", headers=admin, expect=204)
     call("delete", item, url=f"/admin/keys/{rotated['id']}", headers=admin, expect=204)

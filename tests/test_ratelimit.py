@@ -584,6 +584,47 @@ def test_a_key_limited_to_5_per_minute_gets_exactly_5_then_429(make_app):
         assert "Welcome" not in resp.get_data(as_text=True)
 
 
+def test_403s_for_scope_count_against_the_keys_own_limit(make_app):
+    """Issue 12: 30 of 30 scope probes with a 10/minute key got 403. A stolen key probing for
+    scopes spends its own quota; the 403s carry the limit's state; they are not uses."""
+    app, store = make_app()
+    plaintext, key_id = new_key(store, "10/minute", scopes=("secret:read",))
+    client = app.test_client()
+    statuses = []
+    for path in ["/admin", "/data", "/admin/keys"] * 10:
+        resp = client.get(path, headers={"API-Key": plaintext})
+        statuses.append(resp.status_code)
+        if resp.status_code == 403:
+            assert resp.get_json()["code"] == "insufficient_scope"
+            assert resp.headers["RateLimit-Policy"] == '"key";q=10;w=60'
+    assert statuses == [403] * 10 + [429] * 20
+    assert_rate_limited(client.get("/secret", headers={"API-Key": plaintext}), 10)  # the quota is spent
+    app.extensions["keygate.usage"].flush()
+    assert store.get(key_id).use_count == 0
+
+
+def test_a_token_on_a_header_only_route_counts_too(make_app):
+    app, store = make_app()
+    plaintext, _ = new_key(store, "2/minute")
+    client = app.test_client()
+    token = client.post("/tokens", headers={"API-Key": plaintext}).get_json()["token"]
+    assert client.get("/secret", query_string={"token": token}).status_code == 403
+    assert_rate_limited(client.get("/data", query_string={"token": token}), 2)
+
+
+def test_403s_from_outside_the_allow_list_do_not_spend_the_owners_quota(make_app):
+    """A documented exception: counting them would let a stolen, fenced key's thief use up
+    its owner's quota from anywhere."""
+    app, store = make_app()
+    fenced = issue_key(store, name="fenced", scopes=["secret:read"], rate_limit="2/minute",
+                       allowed_ips=["10.0.0.0/8"])
+    client = app.test_client()
+    for _ in range(5):
+        assert client.get("/secret", headers={"API-Key": fenced.plaintext}).status_code == 403
+    inside = {"REMOTE_ADDR": "10.1.2.3"}
+    assert client.get("/secret", headers={"API-Key": fenced.plaintext}, environ_base=inside).status_code == 200
+
+
 RATE_LIMIT_HEADERS = ["RateLimit-Policy", "RateLimit", "X-RateLimit-Limit", "X-RateLimit-Remaining",
                       "X-RateLimit-Reset"]
 

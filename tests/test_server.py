@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import Server, invoke_cli, run_cli, wait_for_workers
+from conftest import Server, invoke_cli, run_cli, strong_secret, wait_for_workers
 from keys import generate_key, issue_key, open_store
 
 pytestmark = pytest.mark.slow
@@ -69,7 +69,7 @@ def _env(base: Path) -> dict[str, str]:
     e.update(
         KEYGATE_INSTANCE_PATH=str(base / "instance"),
         KEYGATE_DATABASE_URL=f"sqlite:///{base / 'instance' / 'keygate.db'}",
-        KEYGATE_SECRET_KEY=secrets.token_urlsafe(48),
+        KEYGATE_SECRET_KEY=strong_secret(),
         PYTHONUNBUFFERED="1",
     )
     return e
@@ -272,7 +272,7 @@ def test_a_chunked_body_is_read_only_up_to_the_limit(live: Live) -> None:
         yield b'"}'
 
     huge = requests.post(url, data=chunks(2 * 1024 * 1024), headers=headers, timeout=30)
-    assert assert_problem(huge, 400, "invalid_request")["detail"] == "body must be at most 65536 bytes"
+    assert assert_problem(huge, 413, "payload_too_large")["detail"] == "body must be at most 65536 bytes"
     small = requests.post(url, data=iter([b'{"ttl": ', b"60}"]), headers=headers, timeout=10)
     assert small.status_code == 201, small.text
     live.secrets.append(small.json()["token"])

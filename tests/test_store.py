@@ -470,3 +470,156 @@ def test_an_unparseable_url_error_does_not_echo_the_password():
         open_store(f"postgresql://keygate:{password}@db.internal:notaport/keygate")
     assert "database URL" in str(info.value)
     assert password not in str(info.value)
+
+
+# -- issue 12: allow-lists stored so they can't re-split; audit summaries and retention --------
+
+
+def test_an_allow_list_round_trips_entry_for_entry(store):
+    record = full_record(allowed_ips=("10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"))
+    store.add(record)
+    assert store.get(record.id).allowed_ips == record.allowed_ips
+    assert store.list_keys()[0].allowed_ips == record.allowed_ips
+
+
+@SQL_ONLY
+def test_allow_lists_are_stored_as_json_arrays(store):
+    """An entry can't be split into two on the way back (space-separated text could)."""
+    import sqlalchemy as sa
+
+    from keys.store.schema import keys_table
+
+    record = full_record(allowed_ips=("10.0.0.0/8", "2001:db8::/32"))
+    store.add(record)
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.select(keys_table.c.allowed_ips).where(keys_table.c.id == record.id)).scalar()
+    assert stored == '["10.0.0.0/8", "2001:db8::/32"]'
+
+
+@SQL_ONLY
+def test_an_unreadable_stored_allow_list_admits_nobody(store):
+    import sqlalchemy as sa
+
+    from keys.store.schema import keys_table
+    from keys.verify import ip_allowed
+
+    record = full_record()
+    store.add(record)
+    for text in ('["10.0.0.0/8"', '{"a": 1}', "[1, 2]"):
+        with store.engine.begin() as conn:
+            conn.execute(keys_table.update().where(keys_table.c.id == record.id).values(allowed_ips=text))
+        allowed = store.get(record.id).allowed_ips
+        assert allowed and not ip_allowed(allowed, "10.0.0.1"), text
+
+
+@SQL_ONLY
+def test_an_upgrade_to_schema_4_converts_allow_lists_and_keeps_events(store_url):
+    """A store made by the first three migrations, with data, is upgraded in place; a fresh
+    install ends with the same columns (the earlier migrations' tables are frozen)."""
+    import time
+
+    import sqlalchemy as sa
+
+    from keys.store.schema import MIGRATIONS, audit_table, schema_table
+    from keys.verify import ip_allowed
+
+    store = open_store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            schema_table.create(conn)
+            for version, _what, apply in MIGRATIONS[:3]:
+                apply(conn)
+                conn.execute(schema_table.insert().values(version=version, applied_at=time.time()))
+            conn.execute(sa.text(
+                "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, allowed_ips, use_count,"
+                " generation) VALUES ('AAAAAAAAAAAA', 'old', :h, 'admin', 1.0, '10.0.0.0/8 ::1/128', 0, 0)"),
+                {"h": "0" * 64})
+            # what a zone id made of one checked entry: it would read as "anywhere" if split
+            conn.execute(sa.text(
+                "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, allowed_ips, use_count,"
+                " generation) VALUES ('BBBBBBBBBBBB', 'zone', :h, 'admin', 1.0, '::%x 0.0.0.0/0', 0, 0)"),
+                {"h": "1" * 64})
+            conn.execute(sa.text("INSERT INTO audit_events (at, event, key_id, actor, detail) "
+                                 "VALUES (1.0, 'create', 'AAAAAAAAAAAA', 'cli:old', '{}')"))
+        assert store.schema_version() == 3
+        assert store.migrate() == SCHEMA_VERSION == 4
+        assert store.get("AAAAAAAAAAAA").allowed_ips == ("10.0.0.0/8", "::1/128")
+        zoned = store.get("BBBBBBBBBBBB").allowed_ips
+        assert zoned and not any(ip_allowed(zoned, a) for a in ("0.0.0.0", "10.0.0.1", "::"))
+        assert [e.actor for e in store.events()] == ["cli:old"]
+        columns = {c["name"] for c in sa.inspect(store.engine).get_columns("audit_events")}
+        assert columns == {c.name for c in audit_table.columns}
+    finally:
+        store.close()
+
+
+def _merge(summary, detail):  # noqa: ANN001, ANN202
+    return {"n": (summary or {}).get("n", 0) + 1, "last": detail["x"]}
+
+
+def test_a_summarised_event_is_one_row_per_key_actor_and_period(store):
+    from keys.model import AuditEvent
+
+    for i in range(5):
+        store.summarize(AuditEvent("mint_token", "AAAAAAAAAAAA", "key:a", 100.0 + i, {"x": i}), 1, _merge)
+    store.summarize(AuditEvent("mint_token", "AAAAAAAAAAAA", "key:b", 200.0, {"x": 9}), 1, _merge)
+    store.summarize(AuditEvent("mint_token", "AAAAAAAAAAAA", "key:a", 4000.0, {"x": 7}), 2, _merge)
+    store.summarize(AuditEvent("mint_token", "BBBBBBBBBBBB", "key:a", 300.0, {"x": 8}), 1, _merge)
+    events = store.events(limit=100)
+    assert len(events) == 4
+    first = [e for e in events if e.key_id == "AAAAAAAAAAAA" and e.actor == "key:a" and e.at < 1000]
+    assert len(first) == 1 and first[0].detail == {"n": 5, "last": 4} and first[0].at == 100.0
+
+
+@SQL_ONLY
+def test_concurrent_summaries_of_one_period_all_count(store):
+    from keys.model import AuditEvent
+
+    def mint() -> None:
+        for _ in range(10):
+            store.summarize(AuditEvent("mint_token", "AAAAAAAAAAAA", "key:a", 100.0, {"x": 1}), 1, _merge)
+
+    threads = [threading.Thread(target=mint) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (event,) = store.events()
+    assert event.detail["n"] == 40
+
+
+def test_prune_deletes_old_events_in_batches_and_keeps_the_rest(store):
+    from keys.model import AuditEvent
+
+    for i in range(25):
+        store.record_event(AuditEvent("create", "AAAAAAAAAAAA", "cli:t", 1000.0 + i))
+    assert store.prune_events(1010.0, batch=4) == 4
+    assert store.prune_events(1010.0, batch=100) == 6
+    assert store.prune_events(1010.0) == 0
+    assert sorted(e.at for e in store.events(limit=100)) == [1000.0 + i for i in range(10, 25)]
+    # ids keep growing after a prune, so paging with `before` still works
+    store.record_event(AuditEvent("revoke", "AAAAAAAAAAAA", "cli:t", 2000.0))
+    newest = store.events(limit=1)[0]
+    assert newest.event == "revoke" and newest.id > max(e.id for e in store.events(limit=100)[1:])
+
+
+def test_audit_actors_are_stored_escaped_and_bounded(store):
+    from keys.model import AuditEvent
+
+    store.record_event(AuditEvent("create", "AAAAAAAAAAAA", "cli:evil\nline2\x1b[31m\u202e" + "x" * 500, 1.0))
+    (event,) = store.events()
+    assert event.actor.startswith("cli:evil\\nline2\\x1b[31m\\u202e")
+    assert event.actor.isprintable() and len(event.actor) == 120
+
+
+@SQL_ONLY
+def test_database_errors_never_show_their_parameters(store):
+    """A key's hash, in particular, never reaches an error message or a log line."""
+    import sqlalchemy as sa
+
+    record = full_record()
+    store.add(record)
+    with pytest.raises(sa.exc.IntegrityError) as info:
+        store.add(record)  # the same id again
+    assert record.key_hash not in str(info.value)
+    assert "[SQL parameters hidden due to hide_parameters=True]" in str(info.value)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
 import keys.tokens
-from conftest import assert_one_line_failure, invoke_cli
+from conftest import assert_one_line_failure, invoke_cli, strong_secret
 from keys import InvalidToken, TokenExpired, generate_key, issue_key
 from keys.tokens import TokenSigner
 
@@ -312,7 +312,7 @@ def test_a_token_from_an_expiring_key_dies_with_the_key(store, secret_key, make_
 
 @MEMORY_ONLY
 def test_signing_secret_rotation(store, make_app, reader, monkeypatch):
-    old, new = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+    old, new = strong_secret(), strong_secret()
     monkeypatch.setenv("KEYGATE_SECRET_KEY", old)
     before = make_app(store).test_client()
     old_token = mint(before, reader)["token"]
@@ -479,7 +479,7 @@ def server_data(server, token: str):  # noqa: ANN001, ANN201
 @pytest.mark.slow
 def test_tokens_survive_a_restart_and_a_signing_secret_rotation(env, start_server, secret_key):
     key = cli_json(env, "init")["admin_key"]["key"]  # any valid key may mint
-    old, new = secret_key, secrets.token_urlsafe(48)
+    old, new = secret_key, strong_secret()
 
     first = start_server()
     old_token = server_mint(first, key, scopes=["data:read"], ttl=600)

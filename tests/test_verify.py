@@ -230,3 +230,68 @@ def test_verified_record_carries_the_scopes_for_the_rule(store):
     record = verify_key(store, issued.plaintext, now=NOW)
     assert grants(record.scopes, "secret:read") and grants(record.scopes, "data:read")
     assert not grants(record.scopes, "admin")
+
+
+# -- issue 12: unknown ids cost the store what a wrong secret costs -----------------------------
+
+
+SQL_ONLY = pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+
+
+@SQL_ONLY
+def test_a_repeated_unknown_id_reaches_the_store_once_per_revision_check(store, make_app, monkeypatch):
+    """Forged, checksum-valid keys with one unknown id: 500 requests were 500+ store round trips,
+    against a handful for a real id with a wrong secret. Now both cost the same: a lookup
+    when first seen, then none until the next revision check (0.5 s)."""
+    app = make_app(store)
+    client = app.test_client()
+    real = issue(store)
+    calls = {"get": 0, "revision": 0}
+    for name in calls:
+        original = getattr(store, name)
+
+        def counting(*args, _name=name, _original=original):  # noqa: ANN002, ANN202
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(store, name, counting)
+    unknown = generate_key().plaintext
+    wrong = wrong_secret_for(real.record.id)
+
+    def round_trips(presented: str) -> int:
+        app.extensions["keygate"].lookup.clear()
+        before = dict(calls)
+        for _ in range(500):
+            assert client.get("/secret", headers={"API-Key": presented}).status_code == 401
+        return (calls["get"] - before["get"]) + (calls["revision"] - before["revision"])
+
+    spent_unknown, spent_wrong = round_trips(unknown), round_trips(wrong)
+    # One lookup, plus one per revision check (and the lookup it clears) during the run.
+    assert spent_unknown <= 2 * spent_wrong + 1, (spent_unknown, spent_wrong)
+    assert spent_unknown < 40, spent_unknown
+
+
+def test_unknown_ids_are_remembered_until_the_next_revision_check_and_bounded():
+    from keys.cache import CachedLookup
+    from keys.store import MemoryKeyStore
+
+    store = MemoryKeyStore()
+    lookup = CachedLookup(store, max_staleness=3600, max_unknown=3)
+    gets = []
+    original = store.get
+    store.get = lambda key_id: gets.append(key_id) or original(key_id)  # type: ignore[method-assign]
+    ids = [generate_key().key_id for _ in range(5)]
+    for _ in range(3):
+        assert lookup.get(ids[0]) is None
+    assert gets == [ids[0]]
+    for key_id in ids:  # more unknown ids than it keeps: the oldest are forgotten
+        lookup.get(key_id)
+    assert len(lookup._unknown) == 3  # noqa: SLF001
+    # A key created meanwhile (no revision change) works from the next check on.
+    created = issue_key(store, name="late", scopes=["admin"]).record
+    assert lookup.get(created.id) == created  # never presented before: looked up at once
+    lookup.get(ids[4])
+    lookup._checked = -float("inf")  # noqa: SLF001 — the staleness bound has passed
+    gets.clear()
+    lookup.get(ids[4])
+    assert gets == [ids[4]]

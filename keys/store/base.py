@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from ..model import AuditEvent, KeyRecord
 
 #: Schema version this code reads and writes; ``migrate()`` brings a store to it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+
+#: ``merge(summary detail so far, or None for the first, one occurrence's detail) -> detail``
+Merge = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]
 
 
 class KeyStore(ABC):
@@ -69,6 +74,20 @@ class KeyStore(ABC):
     @abstractmethod
     def record_event(self, event: AuditEvent) -> None:
         """Append an event that goes with no key change (a token minted)."""
+
+    def summarize(self, event: AuditEvent, period: int, merge: Merge) -> None:
+        """Fold one occurrence of a frequent event (a token minted) into the one row kept per
+        key, actor, event name and ``period``: ``merge(detail so far or None, event.detail)``
+        gives the row's new detail. The row keeps the first occurrence's ``at``.
+
+        The default appends a row per occurrence; the bundled stores keep one."""
+        self.record_event(dataclasses.replace(event, detail=merge(None, event.detail)))
+
+    def prune_events(self, before: float, batch: int = 1000) -> int:
+        """Delete up to ``batch`` events older than ``before`` (epoch seconds), oldest first;
+        returns how many went. Small batches, so a prune never holds the store for long.
+        The default keeps everything."""
+        return 0
 
     @abstractmethod
     def events(

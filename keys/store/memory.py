@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from ..model import AuditEvent, KeyRecord
-from .base import SCHEMA_VERSION, KeyStore
+from .base import SCHEMA_VERSION, KeyStore, Merge
 
 
 class MemoryKeyStore(KeyStore):
@@ -19,6 +19,8 @@ class MemoryKeyStore(KeyStore):
         self._keys: dict[str, KeyRecord] = {}
         self._ids: list[str] = []  # sorted, for paging
         self._events: list[AuditEvent] = []
+        self._next_event_id = 1
+        self._summaries: dict[tuple[str, str, str, int], int] = {}  # -> the summary event's id
         self._failures: Counter[str] = Counter()
         self._revision = 0
         self._lock = threading.Lock()
@@ -29,9 +31,12 @@ class MemoryKeyStore(KeyStore):
     def schema_version(self) -> int:
         return SCHEMA_VERSION
 
-    def _append_event(self, event: AuditEvent | None) -> None:
-        if event is not None:
-            self._events.append(dataclasses.replace(event, id=len(self._events) + 1))
+    def _append_event(self, event: AuditEvent | None) -> int:
+        if event is None:
+            return 0
+        event_id, self._next_event_id = self._next_event_id, self._next_event_id + 1
+        self._events.append(dataclasses.replace(event, id=event_id))
+        return event_id
 
     def _insert(self, record: KeyRecord) -> None:
         if record.id in self._keys:
@@ -90,6 +95,29 @@ class MemoryKeyStore(KeyStore):
     def record_event(self, event: AuditEvent) -> None:
         with self._lock:
             self._append_event(event)
+
+    def summarize(self, event: AuditEvent, period: int, merge: Merge) -> None:
+        group = (event.key_id, event.event, event.actor, period)
+        with self._lock:
+            event_id = self._summaries.get(group)
+            at = self._event_index(event_id) if event_id is not None else None
+            if at is None:
+                self._summaries[group] = self._append_event(
+                    dataclasses.replace(event, detail=merge(None, event.detail)))
+            else:
+                summary = self._events[at]
+                self._events[at] = dataclasses.replace(summary, detail=merge(summary.detail, event.detail))
+
+    def _event_index(self, event_id: int) -> int | None:
+        i = bisect.bisect_left(self._events, event_id, key=lambda e: e.id or 0)  # ids only grow; stored events have one
+        return i if i < len(self._events) and self._events[i].id == event_id else None
+
+    def prune_events(self, before: float, batch: int = 1000) -> int:
+        with self._lock:
+            doomed = [i for i, e in enumerate(self._events) if e.at < before][:batch]
+            for i in reversed(doomed):
+                del self._events[i]
+            return len(doomed)
 
     def events(
         self, *, key_id: str | None = None, limit: int = 100, before: int | None = None

@@ -3,11 +3,15 @@
 Each migration runs once, in order, inside one transaction that also records
 the new version, so a killed ``init`` leaves the store at the old version or
 the new one, never between. Add a migration by appending to ``MIGRATIONS``
-and raising ``SCHEMA_VERSION``; never edit one that has shipped.
+and raising ``SCHEMA_VERSION``; never edit one that has shipped. A migration builds
+what it creates from its own frozen definitions (``_frozen_*``), never from the live
+tables above, which later migrations change: a fresh install runs every migration in
+turn and must end where an upgraded store does.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import sqlalchemy as sa
@@ -34,7 +38,7 @@ keys_table = sa.Table(
     sa.Column("last_used_at", sa.Double),
     sa.Column("use_count", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("rate_limit", sa.String(40)),
-    sa.Column("allowed_ips", sa.Text, nullable=False, server_default=""),  # space-separated
+    sa.Column("allowed_ips", sa.Text, nullable=False, server_default=""),  # a JSON array (v4)
     sa.Column("replaces", sa.String(16)),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
 )
@@ -49,6 +53,11 @@ audit_table = sa.Table(
     sa.Column("key_id", sa.String(16), nullable=False, index=True),
     sa.Column("actor", sa.String(120), nullable=False),
     sa.Column("detail", sa.Text, nullable=False, server_default="{}"),  # JSON, never a secret
+    # v4: frequent events (token mints) are kept as one summary row per key, actor and period
+    # (``at // period length``); NULL for every other event.
+    sa.Column("period", sa.BigInteger),
+    sa.Index("ix_audit_events_at", "at"),
+    sa.Index("ux_audit_events_summary", "key_id", "event", "actor", "period", unique=True),
 )
 
 failures_table = sa.Table(
@@ -67,22 +76,126 @@ revision_table = sa.Table(
 )
 
 
+# -- the tables as each migration created them (frozen: never edit) ------------------
+
+
+def _frozen_v1(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "api_keys",
+        metadata,
+        sa.Column("id", sa.String(16), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("key_hash", sa.String(64), nullable=False),
+        sa.Column("scopes", sa.Text, nullable=False),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("expires_at", sa.Double),
+        sa.Column("revoked_at", sa.Double),
+        sa.Column("last_used_at", sa.Double),
+        sa.Column("use_count", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("rate_limit", sa.String(40)),
+        sa.Column("allowed_ips", sa.Text, nullable=False, server_default=""),
+        sa.Column("replaces", sa.String(16)),
+        sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    )
+
+
+def _frozen_v2(metadata: sa.MetaData) -> tuple[sa.Table, sa.Table]:
+    audit = sa.Table(
+        "audit_events",
+        metadata,
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                  autoincrement=True),
+        sa.Column("at", sa.Double, nullable=False),
+        sa.Column("event", sa.String(32), nullable=False),
+        sa.Column("key_id", sa.String(16), nullable=False, index=True),
+        sa.Column("actor", sa.String(120), nullable=False),
+        sa.Column("detail", sa.Text, nullable=False, server_default="{}"),
+    )
+    failures = sa.Table(
+        "auth_failures",
+        metadata,
+        sa.Column("code", sa.String(40), primary_key=True),
+        sa.Column("count", sa.BigInteger, nullable=False, server_default="0"),
+    )
+    return audit, failures
+
+
+def _frozen_v3(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "keygate_revision",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("revision", sa.BigInteger, nullable=False),
+    )
+
+
 def _v1(conn: sa.Connection) -> None:
-    keys_table.create(conn)
+    _frozen_v1(sa.MetaData()).create(conn)
 
 
 def _v2(conn: sa.Connection) -> None:
-    audit_table.create(conn)
-    failures_table.create(conn)
+    for table in _frozen_v2(sa.MetaData()):
+        table.create(conn)
 
 
 def _v3(conn: sa.Connection) -> None:
-    revision_table.create(conn)
-    conn.execute(revision_table.insert().values(id=1, revision=0))
+    revision = _frozen_v3(sa.MetaData())
+    revision.create(conn)
+    conn.execute(revision.insert().values(id=1, revision=0))
+
+
+def _v4(conn: sa.Connection) -> None:
+    """Token mints summarised per key and period; audit retention by time; allow-lists as
+    JSON arrays (space-separated text could be split differently from how it was checked)."""
+    conn.execute(sa.text("ALTER TABLE audit_events ADD COLUMN period BIGINT"))
+    for index in audit_table.indexes:
+        if index.name in ("ix_audit_events_at", "ux_audit_events_summary"):
+            index.create(conn)
+    frozen_keys = _frozen_v1(sa.MetaData())
+    k = frozen_keys.c
+    rows = conn.execute(sa.select(k.id, k.allowed_ips).where(k.allowed_ips != "")).all()
+    for key_id, text in rows:
+        if not text.startswith("["):
+            conn.execute(frozen_keys.update().where(k.id == key_id)
+                         .values(allowed_ips=json.dumps(list(legacy_networks(text)))))
+
+
+#: Stands in for an allow-list that can't be read: it matches no address (fail closed).
+UNREADABLE_NETWORK = "unreadable"
+
+
+def dump_networks(networks: tuple[str, ...]) -> str:
+    """An allow-list as stored: a JSON array (``""`` for none, anywhere)."""
+    return json.dumps(list(networks)) if networks else ""
+
+
+def load_networks(text: str) -> tuple[str, ...]:
+    """A stored allow-list; one that can't be read is ``(UNREADABLE_NETWORK,)``."""
+    if not text:
+        return ()
+    if not text.startswith("["):
+        return legacy_networks(text)
+    try:
+        networks = json.loads(text)
+    except ValueError:
+        return (UNREADABLE_NETWORK,)
+    if not isinstance(networks, list) or not all(isinstance(n, str) for n in networks):
+        return (UNREADABLE_NETWORK,)
+    return tuple(networks)
+
+
+def legacy_networks(text: str) -> tuple[str, ...]:
+    """A space-separated allow-list (schema 1-3). One with an IPv6 zone id (``%``) can't be
+    split back into what was checked (``"::%x 0.0.0.0/0"`` was one entry, and would read as
+    two, the second "anywhere"): it admits nobody until an admin sets it again."""
+    if "%" in text:
+        return (UNREADABLE_NETWORK,)
+    return tuple(text.split())
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "api_keys table", _v1),
     (2, "audit_events and auth_failures tables", _v2),
     (3, "keygate_revision counter for verification caches", _v3),
+    (4, "audit summaries and retention index; allow-lists as JSON", _v4),
 ]

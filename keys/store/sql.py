@@ -4,6 +4,8 @@ SQLAlchemy Core costs ~15 µs per ``select`` on this machine, the driver itself
 ~5 µs, and ``get`` runs on every request; so ``get`` executes the statement
 SQLAlchemy compiled once, on a per-thread driver connection in autocommit mode.
 Everything else goes through Core and works unchanged on SQLite and PostgreSQL.
+On PostgreSQL no call waits long for a database that stopped answering: every connection
+is bounded (pgconn.py) and a breaker (breaker.py) answers 503 at once meanwhile.
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from ..exc import ConfigError, StoreUnavailable
+from ..files import private_dir, private_file
 from ..model import AuditEvent, KeyRecord
-from .base import SCHEMA_VERSION, KeyStore
-from .schema import MIGRATIONS, audit_table, failures_table, keys_table, revision_table, schema_table
+from .base import SCHEMA_VERSION, KeyStore, Merge
+from .breaker import Breaker, OutageLog
+from .schema import (
+    MIGRATIONS,
+    audit_table,
+    dump_networks,
+    failures_table,
+    keys_table,
+    load_networks,
+    revision_table,
+    schema_table,
+)
 
 _COLUMNS = [c.name for c in keys_table.columns]
 
@@ -36,7 +49,7 @@ def _row_to_record(row: Any) -> KeyRecord:
      use_count, rate_limit, allowed_ips, replaces, generation) = row
     return KeyRecord(key_id, name, key_hash, tuple(scopes.split()), created_at, expires_at,
                      revoked_at, last_used_at, use_count, rate_limit,
-                     tuple(allowed_ips.split()) if allowed_ips else (), replaces, generation)
+                     load_networks(allowed_ips), replaces, generation)
 
 
 def _record_to_row(record: KeyRecord) -> dict[str, Any]:
@@ -51,7 +64,7 @@ def _record_to_row(record: KeyRecord) -> dict[str, Any]:
         "last_used_at": record.last_used_at,
         "use_count": record.use_count,
         "rate_limit": record.rate_limit,
-        "allowed_ips": " ".join(record.allowed_ips),
+        "allowed_ips": dump_networks(record.allowed_ips),
         "replaces": record.replaces,
         "generation": record.generation,
     }
@@ -80,19 +93,6 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def _create_private_file(path: str) -> None:
-    """Create a new SQLite file (and its missing directories) readable by its owner only:
-    it holds key hashes. SQLite gives its WAL and shared-memory files the same mode."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass  # an existing store keeps the mode its owner gave it
-    except OSError:
-        pass  # unwritable here: SQLite's own error, on first use, says so
-
-
 def _insert_event(conn: sa.Connection, event: AuditEvent | None) -> None:
     if event is not None:
         conn.execute(audit_table.insert().values(
@@ -119,11 +119,37 @@ def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
 # Failures that mean "the database can't serve this now": 503, never 500. A pool timeout
 # means every pooled connection is busy, which a client should also retry.
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+#: SQLSTATE of a write refused by a read-only database (a standby after a failover).
+_READ_ONLY = "25006"
 
 
-def _unavailable(e: Exception) -> StoreUnavailable:
-    cause = getattr(e, "orig", None) or e
-    return StoreUnavailable(f"the key store is unavailable: {cause}")
+def _is_unavailable(e: Exception) -> bool:
+    if isinstance(e, _UNAVAILABLE):
+        return True
+    return isinstance(e, sa.exc.DBAPIError) and getattr(e.orig, "sqlstate", None) == _READ_ONLY
+
+
+_a = audit_table.c
+# Built once: a statement built per call costs more than the database's part of a mint.
+_FIND_SUMMARY = sa.select(_a.id, _a.detail).where(
+    _a.key_id == sa.bindparam("key_id"), _a.event == sa.bindparam("event"),
+    _a.actor == sa.bindparam("actor"), _a.period == sa.bindparam("period"))
+_FIND_SUMMARY_LOCKED = _FIND_SUMMARY.with_for_update()  # SQLite's BEGIN IMMEDIATE serialises already
+_UPDATE_SUMMARY = audit_table.update().where(_a.id == sa.bindparam("row_id")).values(
+    detail=sa.bindparam("new_detail"))
+
+
+def _insert_summary(conn: sa.Connection, event: AuditEvent, period: int, merge: Merge) -> None:
+    found = _FIND_SUMMARY_LOCKED if conn.dialect.name == "postgresql" else _FIND_SUMMARY
+    row = conn.execute(found, {"key_id": event.key_id, "event": event.event, "actor": event.actor,
+                               "period": period}).first()
+    if row is None:
+        conn.execute(audit_table.insert().values(
+            at=event.at, event=event.event, key_id=event.key_id, actor=event.actor, period=period,
+            detail=json.dumps(merge(None, event.detail), sort_keys=True)))
+    else:
+        detail = json.dumps(merge(json.loads(row.detail), event.detail), sort_keys=True)
+        conn.execute(_UPDATE_SUMMARY, {"row_id": row.id, "new_detail": detail})
 
 
 class _ReaderState(threading.local):
@@ -144,25 +170,46 @@ class SqlKeyStore(KeyStore):
             sa_url = sa_url.set(drivername="postgresql+psycopg")
         self.backend = sa_url.get_backend_name()
         if self.backend == "sqlite" and sa_url.database not in (None, "", ":memory:"):
-            _create_private_file(sa_url.database)
+            # The file, and so its WAL and shared-memory files (SQLite gives them the file's
+            # mode), readable by the owner only, whatever the umask.
+            database = os.path.abspath(sa_url.database)
+            try:
+                private_dir(os.path.dirname(database))
+                private_file(database)
+            except OSError:
+                pass  # unwritable here: SQLite's own error, on first use, says so
+        # Parameters never reach a log or an error message (they include key hashes).
+        engine_options = {"hide_parameters": True, **engine_options}
+        bounded = sa_url.drivername == "postgresql+psycopg"  # keygate's driver (pgconn.py)
         if self.backend == "postgresql":
-            # Per gunicorn worker: one reader connection per serving thread (held) plus a
-            # small pool for management writes; pre-ping survives a database restart.
+            # Per worker: one reader connection per serving thread (held) plus a small pool
+            # for management writes; pre-ping survives a database restart.
             engine_options = {"pool_size": 2, "max_overflow": 4, "pool_pre_ping": True,
                               "pool_recycle": 1800, **engine_options}
+            if bounded:
+                from . import pgconn  # psycopg is imported only for PostgreSQL
+
+                engine_options.setdefault("connect_args", pgconn.connect_args(sa_url))
+        self._breaker = Breaker()
         try:
             self.engine = sa.create_engine(sa_url, **engine_options)
             # Hot-path readers are held one per serving thread, outside the write pool, so
             # any number of threads can read without starving management writes. (An
             # in-memory SQLite database exists once per engine: it has to share.)
             in_memory = self.backend == "sqlite" and sa_url.database in (None, "", ":memory:")
-            self._readers = self.engine if in_memory else sa.create_engine(sa_url, poolclass=sa.pool.NullPool)
+            self._readers = self.engine if in_memory else sa.create_engine(
+                sa_url, poolclass=sa.pool.NullPool, hide_parameters=True,
+                connect_args=engine_options.get("connect_args", {}))
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
             raise ConfigError(f"unsupported database URL ({e})") from None
         if self.backend == "sqlite":
             _configure_sqlite(self.engine)
             if self._readers is not self.engine:
                 _configure_sqlite(self._readers)
+        if self.backend == "postgresql" and bounded:
+            for engine in (self.engine, self._readers):
+                pgconn.bound(engine, lambda: self._breaker)
+        self._log_outage = OutageLog()
         self.url = sa_url.render_as_string(hide_password=True)
 
         stmt = sa.select(keys_table).where(keys_table.c.id == sa.bindparam("key_id"))
@@ -195,8 +242,11 @@ class SqlKeyStore(KeyStore):
         return conn
 
     def _fetch_one(self, sql: str, params: Any) -> Any:
+        if not self._breaker.allow():
+            raise StoreUnavailable()
         # A held connection may have died (database restart, idle timeout): one retry
-        # on a fresh connection, then the outage is reported.
+        # on a fresh connection, then the outage is reported; none after a timeout (the
+        # breaker tripped), which would double the wait.
         for attempt in (1, 2):
             try:
                 cur = self._local.cursor
@@ -208,8 +258,9 @@ class SqlKeyStore(KeyStore):
                 self._drop_reader()
                 if not isinstance(e, self.engine.dialect.loaded_dbapi.Error):
                     raise
-                if attempt == 2:
-                    raise StoreUnavailable("the key store is unreachable; try again shortly") from e
+                if attempt == 2 or self._breaker.tripped:
+                    self._log_outage(e)
+                    raise StoreUnavailable() from e
 
     def get(self, key_id: str) -> KeyRecord | None:
         row = self._fetch_one(self._get_sql, (key_id,) if self._positional else {"key_id": key_id})
@@ -246,27 +297,40 @@ class SqlKeyStore(KeyStore):
         self._local = _ReaderState()
         self._open_readers = set()
         self._readers_lock = threading.Lock()
+        self._breaker = Breaker()
         self.engine.dispose(close=False)
+
+    def _unavailable(self, e: Exception) -> StoreUnavailable:
+        self._log_outage(e)
+        return StoreUnavailable()
 
     # -- management -------------------------------------------------------------
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
         """A write transaction; SQLite takes its write lock up front (BEGIN IMMEDIATE)."""
+        if not self._breaker.allow():
+            raise StoreUnavailable()
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except _UNAVAILABLE as e:
-            raise _unavailable(e) from None
+        except Exception as e:
+            if _is_unavailable(e):  # a read-only database too: a failover to a standby
+                raise self._unavailable(e) from e
+            raise
 
     @contextmanager
     def _read(self) -> Iterator[sa.Connection]:
+        if not self._breaker.allow():
+            raise StoreUnavailable()
         try:
             with self.engine.connect() as conn:
                 conn.execution_options(keygate_read_only=True)
                 yield conn
-        except _UNAVAILABLE as e:
-            raise _unavailable(e) from None
+        except Exception as e:
+            if _is_unavailable(e):
+                raise self._unavailable(e) from e
+            raise
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -277,6 +341,11 @@ class SqlKeyStore(KeyStore):
     def migrate(self) -> int:
         with self._write() as conn:
             if self.backend == "postgresql":
+                # Not a request: waits as long as it takes (another `init`'s lock, a big table).
+                conn.execute(sa.text("SET LOCAL statement_timeout = 0"))
+                driver: Any = conn.connection.driver_connection
+                if hasattr(driver, "io_timeout"):
+                    driver.io_timeout = None  # this connection, until just before the commit
                 # Concurrent `init`s queue here instead of racing on CREATE TABLE.
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7347234)"))
             schema_table.create(conn, checkfirst=True)
@@ -291,6 +360,9 @@ class SqlKeyStore(KeyStore):
                     apply(conn)
                     conn.execute(schema_table.insert().values(version=version, applied_at=time.time()))
                     current = version
+            driver = conn.connection.driver_connection
+            if "io_timeout" in getattr(driver, "__dict__", {}):
+                del driver.io_timeout  # back to the class's bound
         return current
 
     def add(self, record: KeyRecord, event: AuditEvent | None = None) -> None:
@@ -329,6 +401,23 @@ class SqlKeyStore(KeyStore):
     def record_event(self, event: AuditEvent) -> None:
         with self._write() as conn:
             _insert_event(conn, event)
+
+    def summarize(self, event: AuditEvent, period: int, merge: Merge) -> None:
+        for attempt in (1, 2):
+            try:
+                with self._write() as conn:
+                    _insert_summary(conn, event, period, merge)
+                return
+            except sa.exc.IntegrityError:
+                # PostgreSQL: another worker inserted this period's row first; now it exists.
+                if attempt == 2:
+                    raise
+
+    def prune_events(self, before: float, batch: int = 1000) -> int:
+        a = audit_table.c
+        oldest = sa.select(a.id).where(a.at < before).order_by(a.at).limit(batch).scalar_subquery()
+        with self._write() as conn:
+            return conn.execute(audit_table.delete().where(a.id.in_(oldest))).rowcount
 
     def events(
         self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
@@ -387,6 +476,7 @@ class SqlKeyStore(KeyStore):
             return conn.execute(sa.select(sa.func.count()).select_from(keys_table)).scalar_one()
 
     def close(self) -> None:
+        self._breaker.shut()  # from now on every call is StoreUnavailable, without connecting
         self._drop_reader()
         with self._readers_lock:
             readers, self._open_readers = self._open_readers, set()
