@@ -23,6 +23,7 @@ from keys.ratelimit_redis import check_prefix
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "KEYGATE_"
 MIN_SECRET_LENGTH = 32
+LOG_FORMATS = ("text", "json")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 
@@ -38,6 +39,7 @@ class Settings:
     instance_path: Path
     ratelimit_fail_open: bool = False
     ratelimit_prefix: str = "keygate:"
+    log_format: str = "text"
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -202,6 +204,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     except ValueError as e:
         raise ConfigError(f"KEYGATE_RATELIMIT_PREFIX: {e}") from None
 
+    log_format = str(get("LOG_FORMAT") or "text").strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"KEYGATE_LOG_FORMAT must be {' or '.join(LOG_FORMATS)}, not {log_format[:20]!r}")
+
     return Settings(
         database_url=database_url,
         secret_keys=_secret_keys(get("SECRET_KEY"), instance),
@@ -212,4 +218,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         instance_path=instance,
         ratelimit_fail_open=_BOOLEANS[fail_open_raw],
         ratelimit_prefix=prefix,
+        log_format=log_format,
     )

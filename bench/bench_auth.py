@@ -84,6 +84,7 @@ BASELINE_PATH = "/bench-baseline"
 TARGET_RATIO = 1.1  # authenticated request with the largest store / with the smallest
 TARGET_TOKEN_RATIO = 1.5  # query token's auth overhead / a header key's, same route (issue 3)
 TARGET_LIMITS_US = 10.0  # what rate limits + usage counting add to an authenticated request (issue 4)
+TARGET_METRICS_US = 3.0  # what request ids + Prometheus metrics add to a request (issue 15)
 #: A default limit no batch can reach: the limiter does its full work and never refuses.
 HUGE_RATE_LIMIT = "10000000/minute"
 
@@ -326,8 +327,23 @@ def limits_usage_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     flusher. The default limit is far above what the batches send, so nothing is refused."""
     bench = _bench_app(fixture, instance_path, DEFAULT_RATE_LIMIT=HUGE_RATE_LIMIT)
     limits = bench.app.extensions["keygate.ratelimits"]
-    assert bench.auth._after_auth == [limits._on_request], "expected the rate-limit hook only"  # noqa: SLF001
+    # the store's "answered" mark for the outage log (api/backends.py), then the limiter
+    assert len(bench.auth._after_auth) == 2 and bench.auth._after_auth[-1] == limits._on_request  # noqa: SLF001
     assert type(limits.limiter).__name__ == "SharedMemoryLimiter", type(limits.limiter)
+    return bench
+
+
+def limits_usage_bare_app(fixture: Fixture, instance_path: Path) -> BenchApp:
+    """``limits_usage_app`` without what issue 15 added to every request: the request-id
+    and metrics middleware (``api/instrument.py``) and the backends' outage bookkeeping."""
+    from api.instrument import Instrumented
+
+    bench = limits_usage_app(fixture, instance_path)
+    assert isinstance(bench.app.wsgi_app, Instrumented)
+    bench.app.wsgi_app = bench.app.wsgi_app.app  # type: ignore[method-assign]
+    limits = bench.app.extensions["keygate.ratelimits"]
+    bench.auth._after_auth[:] = [limits._on_request]  # noqa: SLF001
+    limits.backends = None
     return bench
 
 
@@ -378,6 +394,7 @@ def query_token(fx: Fixture, bench: BenchApp) -> list[dict[str, str]]:
 # Rows that the report compares with each other (issues 3 and 4).
 TOKEN_HEADER, TOKEN_QUERY = "header key on /data", "query token on /data"
 LIMITS_BASE, LIMITS_ON = "repeated key", "limits + usage"
+METRICS_OFF = "limits + usage, no metrics"
 
 SCENARIOS = [
     # As deployed: a key used again is verified from the per-process cache (keys/cache.py).
@@ -394,6 +411,11 @@ SCENARIOS = [
     # with the auth-only "repeated key" row of the same store.
     Scenario(LIMITS_ON, "/secret", lambda fx, _: [api_key_header(fx.keys[0])],
              target_us=None, make_app=limits_usage_app, every_store=False,
+             expect_headers=("RateLimit", "RateLimit-Policy", "X-RateLimit-Remaining", "X-Request-ID")),
+    # Issue 15: the same request without the request id and the metrics, compared with the
+    # "limits + usage" row (the app as deployed).
+    Scenario(METRICS_OFF, "/secret", lambda fx, _: [api_key_header(fx.keys[0])],
+             target_us=None, make_app=limits_usage_bare_app, every_store=False,
              expect_headers=("RateLimit", "RateLimit-Policy", "X-RateLimit-Remaining")),
 ]
 
@@ -446,7 +468,8 @@ def run_batch(case: Case, batch: list[dict[str, str]]) -> int:
         body = wsgi(environ, start_response)
         for _ in body:
             pass
-        body.close()
+        if hasattr(body, "close"):  # a buffered response is a plain list (api/responses.py)
+            body.close()
     return time.perf_counter_ns() - t0
 
 
@@ -461,7 +484,8 @@ def check_case(case: Case, fixture: Fixture | None = None, headers: tuple[str, .
         environ.update(extra)
         body = case.wsgi(environ, lambda s, h, e=None: (status.append(s), got.append(h)))
         data = b"".join(body)
-        body.close()
+        if hasattr(body, "close"):
+            body.close()
         if not status or not status[0].startswith("200"):
             sys.exit(f"{case.label}: expected 200, got {status[0] if status else '?'}: {data[:300]!r}")
         missing = set(headers) - {name for name, _ in got[0]}
@@ -627,6 +651,19 @@ def report(rows: list[Row]) -> bool:
         print(f"  added {delta:+.1f} ± {paired_stderr_us(limited.authed, plain.authed):.1f} µs "
               f"(overheads: {limited.overhead_us - plain.overhead_us:+.1f})  "
               f"target ≤{TARGET_LIMITS_US:.0f} µs  {_verdict(passed)}")
+
+    bare = row_of(METRICS_OFF)
+    if limited is not None and bare is not None:
+        delta = limited.authed_us - bare.authed_us
+        passed = delta <= TARGET_METRICS_US
+        ok &= passed
+        print()
+        print(f"request ids + metrics, GET /secret, {limited.fixture.label}, repeated key, limits + usage on:")
+        print(f"  authenticated request: without {bare.authed_us:.1f} µs, with {limited.authed_us:.1f} µs; "
+              f"unauthenticated baseline: without {bare.baseline_us:.1f} µs, with {limited.baseline_us:.1f} µs")
+        print(f"  added {delta:+.1f} ± {paired_stderr_us(limited.authed, bare.authed):.1f} µs "
+              f"(to the baseline: {limited.baseline_us - bare.baseline_us:+.1f})  "
+              f"target ≤{TARGET_METRICS_US:.0f} µs  {_verdict(passed)}")
     return ok
 
 

@@ -58,6 +58,16 @@ class KeyRecord(NamedTuple):
         }
 
 
+def key_state(record: KeyRecord, now: float) -> str:
+    """``revoked`` (from ``revoked_at`` on), ``expired``, ``grace`` (rotated, accepted until
+    ``revoked_at``) or ``active``: the order in which verification refuses a key."""
+    if record.revoked_at is not None and record.revoked_at <= now:
+        return "revoked"
+    if record.expires_at is not None and record.expires_at <= now:
+        return "expired"
+    return "grace" if record.revoked_at is not None else "active"
+
+
 class Principal(NamedTuple):
     """The verified caller of one request, as put on ``flask.g.principal``."""
 

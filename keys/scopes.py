@@ -8,10 +8,11 @@ from .exc import InvalidRequest
 
 SECRET_READ = "secret:read"
 DATA_READ = "data:read"
+METRICS_READ = "metrics:read"
 ADMIN = "admin"
 
 #: Every scope keygate knows, in display order.
-ALL_SCOPES: tuple[str, ...] = (SECRET_READ, DATA_READ, ADMIN)
+ALL_SCOPES: tuple[str, ...] = (SECRET_READ, DATA_READ, METRICS_READ, ADMIN)
 
 
 def grants(held: Iterable[str], required: str) -> bool:

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 
 from .store.base import KeyStore
 
@@ -32,6 +33,8 @@ class UsageRecorder:
         self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
         self.flushes = 0  # store writes made, for tests and metrics
+        #: Called after every flush that wrote something: ``(seconds it took, the error or None)``.
+        self.on_flush: Callable[[float, BaseException | None], None] | None = None
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (r := ref()) is not None and r._after_fork())
 
@@ -69,6 +72,7 @@ class UsageRecorder:
             failures, self._failures = self._failures, Counter()
         if not usage and not failures:
             return
+        started = time.perf_counter()
         try:
             if usage:
                 self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items()})
@@ -76,14 +80,20 @@ class UsageRecorder:
             if failures:
                 self.store.add_auth_failures(failures)
                 self.flushes += 1
-        except Exception:
-            log.warning("could not write usage counters; will retry", exc_info=True)
+        except Exception as e:
+            if self.on_flush is not None:  # it reports the outage (once, not every interval)
+                self.on_flush(time.perf_counter() - started, e)
+            else:
+                log.warning("could not write usage counters; will retry", exc_info=True)
             with self._lock:  # merge back so nothing is lost to a brief outage
                 for k, (at, n) in usage.items():
                     entry = self._usage.setdefault(k, [at, 0])
                     entry[0] = max(entry[0], at)
                     entry[1] += n
                 self._failures.update(failures)
+            return
+        if self.on_flush is not None:
+            self.on_flush(time.perf_counter() - started, None)
 
     def _start_thread(self) -> None:
         with self._lock:

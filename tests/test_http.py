@@ -16,7 +16,7 @@ from keys.keyformat import CHECKSUM_LENGTH, ID_LENGTH, PREFIX, generate_key
 from keys.store import MemoryKeyStore
 
 PROBLEM = "application/problem+json"
-PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "instance"}
+PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "instance", "request_id"}
 CHALLENGE = 'ApiKey realm="keygate"'
 REFUSED_CHALLENGE = 'ApiKey realm="keygate", error="invalid_token"'
 CLOSED_PG = "postgresql://postgres@127.0.0.1:1/test"
@@ -50,6 +50,7 @@ def problem(resp, status: int, code: str, path: str | None = None) -> dict:  # n
     assert isinstance(body["type"], str) and body["type"]
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
+    assert body["request_id"] == resp.headers["X-Request-ID"], "the id the client can quote"
     if path is not None:
         assert body["instance"] == path
     common_headers(resp)
@@ -174,7 +175,9 @@ def test_invalid_credentials(h, path):
     real = h.key(SCOPE_OF[path])
     wrong = generate_key(real[len(PREFIX) : len(PREFIX) + ID_LENGTH]).plaintext
     again = h.get(path, wrong)
-    assert problem(again, 401, "invalid_credentials", path) == body
+    same = problem(again, 401, "invalid_credentials", path)
+    assert same.pop("request_id") != body.pop("request_id")  # each request its own id ...
+    assert same == body  # ... and otherwise the very same answer
     assert again.headers["WWW-Authenticate"] == REFUSED_CHALLENGE
 
 

@@ -28,6 +28,8 @@ class TcpProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up = True
+        self.flowing = threading.Event()  # cleared: a hung database (nothing answers, nothing closes)
+        self.flowing.set()
         self.conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -45,10 +47,10 @@ class TcpProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self.flowing.wait()  # hung: held, neither delivered nor refused
                 dst.sendall(data)
         except OSError:
             pass
@@ -71,7 +73,15 @@ class TcpProxy:
     def restore(self) -> None:
         self.up = True
 
+    def hang(self) -> None:
+        """Connections stay open and accept bytes, but nothing gets through either way."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
     def close(self) -> None:
+        self.flowing.set()
         self.cut()
         self.listener.close()
 

@@ -17,7 +17,7 @@ from keys.parse import (
     parse_networks,
     parse_rate_limit,
 )
-from keys.scopes import ADMIN, ALL_SCOPES, DATA_READ, SECRET_READ, grants, parse_scopes
+from keys.scopes import ADMIN, ALL_SCOPES, DATA_READ, METRICS_READ, SECRET_READ, grants, parse_scopes
 
 
 def refused(func, value, field: str) -> InvalidRequest:  # noqa: ANN001
@@ -153,7 +153,8 @@ def test_allow_list_with_one_bad_entry_is_refused_whole():
 
 
 def test_known_scopes():
-    assert ALL_SCOPES == (SECRET_READ, DATA_READ, ADMIN) == ("secret:read", "data:read", "admin")
+    assert ALL_SCOPES == (SECRET_READ, DATA_READ, METRICS_READ, ADMIN) == (
+        "secret:read", "data:read", "metrics:read", "admin")
 
 
 @pytest.mark.parametrize(("given", "canonical"), [

@@ -9,7 +9,8 @@ the example key id ``Xk3v9QpL2mZa`` a real key's id, ``http://127.0.0.1:5000`` t
 response (status, headers, body) on the way through.
 
 What each must answer: a block followed by a ```json block must print that JSON (a
-placeholder id there stands for the id of the key the request sent); every other command under
+placeholder id there stands for the id of the key the request sent, the example request id for
+the one the server generated); every other command under
 "Using it" must succeed (2xx); a table row must answer its status and one of its codes, and
 carry any header its note names ("with `Allow`").
 """
@@ -33,6 +34,7 @@ from conftest import REQUIRE_SERVICES, ROOT, run_cli
 README = ROOT / "README.md"
 README_URL = "http://127.0.0.1:5000"
 PLACEHOLDER_ID = "Xk3v9QpL2mZa"
+PLACEHOLDER_REQUEST_ID = "4bf92f3577b34da6a3ce929d0e0e4736"  # stands for any generated request id
 PLACEHOLDER_ADMIN = re.compile(r"\bkg_\.\.\.")
 
 pytestmark = pytest.mark.slow
@@ -218,6 +220,8 @@ def _matches(expected: Any, actual: Any, key_id: str | None) -> bool:
             _matches(e, a, key_id) for e, a in zip(expected, actual))
     if expected == PLACEHOLDER_ID:
         return actual == key_id
+    if expected == PLACEHOLDER_REQUEST_ID:
+        return isinstance(actual, str) and re.fullmatch(r"[0-9a-f]{32}", actual) is not None
     return expected == actual
 
 
