@@ -144,20 +144,18 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     store = store or open_checked_store(settings)
     signer = TokenSigner(settings.secret_keys, settings.token_max_ttl)
+    metrics = _open_metrics(settings)
+    backends = Backends(metrics)
     # Verification reads through a per-process cache of recently verified keys, emptied
     # whenever the store's revision moves (checked at most every 0.5 s): see keys/cache.py.
     # PostgreSQL keeps many records (a miss is a network round trip); SQLite only the hot
     # keys (a miss costs microseconds). The memory store is already memory.
     lookup: KeyLookup = store
-    if store.backend == "postgresql":
-        lookup = CachedLookup(store, max_entries=100_000)
-    elif store.backend == "sqlite":
-        lookup = CachedLookup(store, max_entries=4096)
+    if store.backend in ("postgresql", "sqlite"):
+        lookup = CachedLookup(store, max_entries=100_000 if store.backend == "postgresql" else 4096)
+        # Its revision check reads the store every 0.5 s under traffic: the sign an outage ended.
+        lookup.on_reached = lambda: backends.ok(STORE)
     auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer)], lookup=lookup)
-    metrics = _open_metrics(settings)
-    backends = Backends(metrics)
-    # A request that passed authentication passed the store's revision check too.
-    auth.after_authentication(lambda _principal: backends.ok(STORE))
     usage = UsageRecorder(store)
     usage.on_flush = _flush_reporter(metrics, backends)
     auth.on_failure(lambda e: usage.failure(e.code))

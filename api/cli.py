@@ -297,14 +297,15 @@ def import_cmd(file: Path, as_json: bool) -> None:
 
     Every line is checked before anything is written, and the load is one transaction.
     """
-    from keys.backup import import_export
+    from keys.backup import check_export, import_export
 
+    checked = check_export(file)  # a bad file is named before any store is touched
     store = _store()
     present = store.count()
     if present:
         fail(f"the store already holds {present} key{'s' if present != 1 else ''}; "
              "import loads into an empty store only (nothing was changed)")
-    done = import_export(store, file)
+    done = import_export(store, file, checked)
     if as_json:
         _emit_json({"keys": done.keys, "events": done.events})
     else:

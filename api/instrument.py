@@ -53,7 +53,7 @@ class Instrumented:
         if incoming is not None and len(incoming) <= 128 and _VALID_ID.fullmatch(incoming):
             environ[REQUEST_ID_KEY] = incoming
         else:
-            environ[REQUEST_ID_KEY] = new_request_id()
+            environ[REQUEST_ID_KEY] = f"{_bits(128):032x}"  # new_request_id(), without the call
         try:
             return self.app(environ, start_response)
         finally:

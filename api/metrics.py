@@ -10,7 +10,9 @@ leaves its counts in, so totals never go backwards.
 
 Values are written here rather than through prometheus-client's ``Counter`` and
 ``Histogram``: those take a lock and a pid check per value (1.6 µs each on the test VM,
-three per request), where one lock per request and three ``mmap`` writes cost a third.
+three per request). A request only appends to a queue in memory; the counts go to the files
+every second (and before a scrape, and at exit), so a scrape sees another worker's last
+second late, and a worker that crashes loses at most its last second of counts.
 
 No label ever holds a key, a token, a client-supplied id or a client address: routes
 are templates, methods and statuses come from fixed sets, codes from ``keys.exc``.
@@ -19,7 +21,9 @@ are templates, methods and statuses come from fixed sets, codes from ``keys.exc`
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
+import logging
 import math
 import os
 import threading
@@ -45,6 +49,9 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 UNMATCHED = "unmatched"  # the route of a request no rule matched (404, 405)
 KEYS_REFRESH = 30.0  # seconds between two reads of the store's key counts
 EXPIRING_WITHIN = ("7d", 7 * 86400)
+#: Seconds between two writes of a process's request counts to its files: a scrape shows
+#: another worker's requests at most this late (its own, at once).
+FLUSH_INTERVAL = 1.0
 #: The text exposition format every Prometheus version reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -81,6 +88,10 @@ class Metrics:
         self._histograms: dict[tuple[str, tuple[str, ...]], tuple[list[Any], list[list[Any]]]] = {}
         self._requests: dict[tuple[str, str, int], tuple[list[Any], list[Any], list[list[Any]]]] = {}
         self._bounds = DURATION_BUCKETS[:-1]  # bisect over the finite bounds; past them, +Inf
+        self._queue: collections.deque[tuple[str, str, int, float]] = collections.deque()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._flush_every, args=(FLUSH_INTERVAL,), name="keygate-metrics",
+                         daemon=True).start()
 
     # -- cells: [file, key, value], created once per label set --------------------------
 
@@ -131,23 +142,49 @@ class Metrics:
             cell[0].write_value(cell[1], value, time.time())  # "mostrecent": the newest wins
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """The hot path: one request's count and duration, under one lock."""
-        if method not in METHODS:
-            method = "other"
-        cells = self._requests.get((route, method, status))
-        if cells is None:
-            count = self._cell("keygate_requests_total", "keygate_requests", (route, method, str(status)))
-            total, buckets = self._histogram("keygate_request_duration_seconds", (route,))
-            cells = self._requests[(route, method, status)] = (count, total, buckets)
-        count, total, buckets = cells
-        bucket = buckets[bisect.bisect_left(self._bounds, seconds)]
-        with self._lock:
-            count[2] += 1.0
-            count[0].write_value(count[1], count[2], 0.0)
-            total[2] += seconds
-            total[0].write_value(total[1], total[2], 0.0)
-            bucket[2] += 1.0
-            bucket[0].write_value(bucket[1], bucket[2], 0.0)
+        """The hot path: one request, queued in this process's memory (``deque.append`` is
+        atomic, so no lock); ``flush`` adds the queue up into the shared files."""
+        self._queue.append((route, method, status, seconds))
+
+    def flush(self) -> None:
+        """Write the requests queued since the last flush into this process's files: every
+        ``FLUSH_INTERVAL`` seconds, before this process answers a scrape, and at exit."""
+        totals: dict[tuple[str, str, int], list[Any]] = {}
+        queue, bounds = self._queue, self._bounds
+        try:
+            while True:
+                route, method, status, seconds = queue.popleft()
+                if method not in METHODS:
+                    method = "other"
+                entry = totals.get((route, method, status))
+                if entry is None:
+                    entry = totals[(route, method, status)] = [0, 0.0, [0] * len(DURATION_BUCKETS)]
+                entry[0] += 1
+                entry[1] += seconds
+                entry[2][bisect.bisect_left(bounds, seconds)] += 1
+        except IndexError:  # drained
+            pass
+        for (route, method, status), (count, seconds, buckets) in totals.items():
+            cells = self._requests.get((route, method, status))
+            if cells is None:
+                counter = self._cell("keygate_requests_total", "keygate_requests", (route, method, str(status)))
+                total, bucket_cells = self._histogram("keygate_request_duration_seconds", (route,))
+                cells = self._requests[(route, method, status)] = (counter, total, bucket_cells)
+            counter, total, bucket_cells = cells
+            with self._lock:
+                if not self._files:
+                    return  # closed
+                for cell, amount in ((counter, count), (total, seconds),
+                                     *((c, n) for c, n in zip(bucket_cells, buckets) if n)):
+                    cell[2] += amount
+                    cell[0].write_value(cell[1], cell[2], 0.0)
+
+    def _flush_every(self, interval: float) -> None:
+        while not self._stopped.wait(interval):
+            try:
+                self.flush()
+            except Exception:  # a full disk, say: keep counting, try again
+                logging.getLogger("keygate.metrics").warning("could not write the metrics files", exc_info=True)
 
     def initialise(self, **label_values: tuple[str, ...]) -> None:
         """Create series at zero (``keygate_auth_refusals=("invalid_credentials", ...)``), so
@@ -162,7 +199,10 @@ class Metrics:
                     self._cell(metric + "_total", metric, labels)
 
     def close(self) -> None:
-        """Close the files; the gauges' file goes (a dead worker's view is no one's)."""
+        """Write what is pending and close the files; the gauges' file goes (a dead worker's
+        view is no one's)."""
+        self._stopped.set()
+        self.flush()
         with self._lock:
             for kind, file in self._files.items():
                 file.close()
@@ -227,8 +267,10 @@ class StoreCollector:
         yield expiring
 
 
-def exposition(directory: Path, collector: StoreCollector) -> bytes:
+def exposition(metrics: Metrics, collector: StoreCollector) -> bytes:
     """The Prometheus text exposition of every process's values plus the store's."""
+    metrics.flush()  # this worker's own requests, up to now
+    directory = metrics.directory
     registry = CollectorRegistry(auto_describe=False)
     MultiProcessCollector(registry, path=str(directory))
     registry.register(collector)  # type: ignore[arg-type]

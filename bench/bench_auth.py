@@ -327,8 +327,7 @@ def limits_usage_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     flusher. The default limit is far above what the batches send, so nothing is refused."""
     bench = _bench_app(fixture, instance_path, DEFAULT_RATE_LIMIT=HUGE_RATE_LIMIT)
     limits = bench.app.extensions["keygate.ratelimits"]
-    # the store's "answered" mark for the outage log (api/backends.py), then the limiter
-    assert len(bench.auth._after_auth) == 2 and bench.auth._after_auth[-1] == limits._on_request  # noqa: SLF001
+    assert bench.auth._after_auth == [limits._on_request], "expected the rate-limit hook only"  # noqa: SLF001
     assert type(limits.limiter).__name__ == "SharedMemoryLimiter", type(limits.limiter)
     return bench
 
@@ -341,9 +340,7 @@ def limits_usage_bare_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     bench = limits_usage_app(fixture, instance_path)
     assert isinstance(bench.app.wsgi_app, Instrumented)
     bench.app.wsgi_app = bench.app.wsgi_app.app  # type: ignore[method-assign]
-    limits = bench.app.extensions["keygate.ratelimits"]
-    bench.auth._after_auth[:] = [limits._on_request]  # noqa: SLF001
-    limits.backends = None
+    bench.app.extensions["keygate.ratelimits"].backends = None
     return bench
 
 

@@ -35,6 +35,7 @@ from .store.base import KeyStore
 
 FORMAT = "keygate-export"
 VERSION = 1
+MAX_LINE = 256 * 1024  # characters; a key's line is under 2 KiB, an event's detail small
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_FIELDS = ("id", "name", "key_hash", "scopes", "created_at", "expires_at", "revoked_at",
                "last_used_at", "use_count", "rate_limit", "allowed_ips", "replaces", "generation")
@@ -168,10 +169,15 @@ _READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
 def _entries(path: Path) -> Iterator[tuple[str, Any]]:
     """(type, parsed value) for every line after the header; ``InvalidRequest`` naming the
     line for the first one that is not what an export writes."""
+    if not path.is_file():  # /dev/zero would be read forever; a pipe can't be read twice
+        raise InvalidRequest(f"{path.name}: not a regular file")
     with path.open(encoding="utf-8", errors="strict") as f:
         number = 0
         try:
-            for number, text in enumerate(f, 1):
+            while text := f.readline(MAX_LINE + 1):
+                number += 1
+                if len(text) > MAX_LINE:
+                    raise ValueError(f"longer than {MAX_LINE // 1024} KiB; not a line an export writes")
                 if not text.strip():
                     continue
                 try:
@@ -215,10 +221,10 @@ def check_export(path: Path) -> Imported:
     return Imported(keys, events)
 
 
-def import_export(store: KeyStore, path: Path) -> Imported:
+def import_export(store: KeyStore, path: Path, checked: Imported | None = None) -> Imported:
     """Load an export into ``store``, which must hold no key (else ``InvalidRequest``);
-    all or nothing."""
-    counts = check_export(path)
+    all or nothing. ``checked``: what ``check_export`` already said of the file."""
+    counts = checked or check_export(path)
 
     def only(kind: str) -> Iterable[Any]:
         return (value for k, value in _entries(path) if k == kind)

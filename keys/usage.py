@@ -77,6 +77,7 @@ class UsageRecorder:
             if usage:
                 self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items()})
                 self.flushes += 1
+                usage = {}  # written: a failure below must not merge it back (and count it twice)
             if failures:
                 self.store.add_auth_failures(failures)
                 self.flushes += 1

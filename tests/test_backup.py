@@ -94,6 +94,7 @@ BAD_LINES = [
     ("HEADER\nKEY()\nKEY()\n", "appears twice"),
     ('HEADER\n{"type": "event", "at": 1, "event": "create", "key_id": "x", "actor": "a"}\n', "missing detail"),
     ('HEADER\n{"type": "auth_failures", "counts": {"x": -1}}\n', "counts"),
+    ("HEADER\n" + "[" * 300_000 + "\n", "line 2: longer than 256 KiB"),
 ]
 
 
@@ -152,3 +153,4 @@ def test_the_cli_moves_keys_from_sqlite_to_postgresql(env: dict[str, str], tmp_p
     assert_one_line_failure(run_cli(pg, "import", str(tmp_path / "missing.jsonl")), names="missing.jsonl")
     (tmp_path / "binary").write_bytes(b"\xff\xfe\x00garbage")
     assert_one_line_failure(run_cli(pg, "import", str(tmp_path / "binary")), names="not")
+    assert_one_line_failure(run_cli(pg, "import", "/dev/zero"), names="not a regular file")

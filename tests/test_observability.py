@@ -223,22 +223,30 @@ def test_a_scrape_during_a_store_outage_still_answers(mem, monkeypatch) -> None:
 # -- outages: logged once, counted, and shown -------------------------------------------------
 
 
-def test_an_outage_is_logged_once_as_it_starts_and_once_as_it_ends(mem, monkeypatch, caplog) -> None:  # noqa: ANN001
-    store, app, client = mem
+def test_an_outage_is_logged_once_as_it_starts_and_once_as_it_ends(make_app, tmp_path: Path, monkeypatch,
+                                                                   caplog) -> None:  # noqa: ANN001
+    from keys import open_store
+
+    store = open_store(f"sqlite:///{tmp_path / 'k.db'}")
+    store.migrate()
+    app = make_app(store)
+    client = app.test_client()
     admin = issue_key(store, name="admin", scopes=["admin"]).plaintext
     key = issue_key(store, name="k", scopes=["secret:read"]).plaintext
+    assert client.get("/secret", headers={"API-Key": key}).status_code == 200  # cached from now on
     caplog.set_level(logging.INFO, logger="keygate")
-    real_get = store.get
+    real_revision = store.revision
 
     def down(*_a: object) -> None:
         raise StoreUnavailable("the key store is unreachable; try again shortly")
 
-    monkeypatch.setattr(store, "get", down)
+    monkeypatch.setattr(store, "revision", down)
+    time.sleep(0.6)  # past the cache's bound: every request asks the store
     for _ in range(20):
         resp = client.get("/secret", headers={"API-Key": key})
         assert resp.status_code == 503
         assert resp.get_json(force=True)["request_id"] == resp.headers["X-Request-ID"]
-    monkeypatch.setattr(store, "get", real_get)
+    monkeypatch.setattr(store, "revision", real_revision)
     for _ in range(5):
         assert client.get("/secret", headers={"API-Key": key}).status_code == 200
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "keygate.backends"]
@@ -247,6 +255,7 @@ def test_an_outage_is_logged_once_as_it_starts_and_once_as_it_ends(mem, monkeypa
     text = scrape(client, admin)
     assert value(text, "keygate_backend_errors_total", backend="store") == 20
     assert value(text, "keygate_backend_up", backend="store") == 1
+    store.close()
 
 
 def test_the_backend_gauge_shows_an_outage_of_the_rate_limiter(mem, monkeypatch) -> None:  # noqa: ANN001

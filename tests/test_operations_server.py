@@ -65,6 +65,7 @@ def test_metrics_are_exact_sums_over_two_workers_and_random_paths_add_no_series(
         assert _fresh(server, "/secret", headers={"API-Key": "kg_" + "1" * 50}).status_code == 401
     for _ in range(15):
         assert _fresh(server, "/data", headers={"API-Key": key}).status_code == 403
+    time.sleep(1.5)  # each worker writes its counts to the shared files every second
     per_worker = _worker_counts(env)
     assert len(per_worker) == 2 and all(n > 0 for n in per_worker), f"both workers served: {per_worker}"
     text = _metrics(server, admin)
@@ -83,6 +84,7 @@ def test_metrics_are_exact_sums_over_two_workers_and_random_paths_add_no_series(
         for _ in range(1000):
             junk = secrets.token_urlsafe(12)
             assert s.get(f"{server.url}/{junk}/{uuid.uuid4()}?{junk}=1", timeout=10).status_code == 404
+    time.sleep(1.5)
     after = samples(_metrics(server, admin))
     assert len(after) == series, "1,000 distinct paths added series"
     assert after[("keygate_requests_total",

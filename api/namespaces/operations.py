@@ -47,7 +47,7 @@ def namespaces(auth: KeyAuth) -> list[Namespace]:
         def get(self) -> Response:
             """Prometheus text exposition, summed over every worker process."""
             extensions = current_app.extensions
-            body = exposition(extensions["keygate.metrics"].directory, extensions["keygate.metrics_collector"])
+            body = exposition(extensions["keygate.metrics"], extensions["keygate.metrics_collector"])
             return current_app.response_class(body, content_type=CONTENT_TYPE)
 
     return [ready, metrics]
