@@ -28,6 +28,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ class Metrics:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._bounds = DURATION_BUCKETS[:-1]  # bisect over the finite bounds; past them, +Inf
+        self._open()
+        ref = weakref.ref(self)
+        # A process forked from this one (gunicorn --preload) writes files of its own.
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m._open())
+
+    def _open(self) -> None:
         n = next(_instances)
         ident = f"{os.getpid()}" + (f"-{n}" if n else "")
         self._files = {kind: MmapedDict(str(self.directory / f"{prefix}_{ident}.db"))
@@ -87,11 +95,10 @@ class Metrics:
         self._cells: dict[tuple[str, str, tuple[str, ...]], list[Any]] = {}
         self._histograms: dict[tuple[str, tuple[str, ...]], tuple[list[Any], list[list[Any]]]] = {}
         self._requests: dict[tuple[str, str, int], tuple[list[Any], list[Any], list[list[Any]]]] = {}
-        self._bounds = DURATION_BUCKETS[:-1]  # bisect over the finite bounds; past them, +Inf
         self._queue: collections.deque[tuple[str, str, int, float]] = collections.deque()
         self._stopped = threading.Event()
-        threading.Thread(target=self._flush_every, args=(FLUSH_INTERVAL,), name="keygate-metrics",
-                         daemon=True).start()
+        threading.Thread(target=_flush_every, args=(weakref.ref(self), self._stopped, FLUSH_INTERVAL),
+                         name="keygate-metrics", daemon=True).start()
 
     # -- cells: [file, key, value], created once per label set --------------------------
 
@@ -179,13 +186,6 @@ class Metrics:
                     cell[2] += amount
                     cell[0].write_value(cell[1], cell[2], 0.0)
 
-    def _flush_every(self, interval: float) -> None:
-        while not self._stopped.wait(interval):
-            try:
-                self.flush()
-            except Exception:  # a full disk, say: keep counting, try again
-                logging.getLogger("keygate.metrics").warning("could not write the metrics files", exc_info=True)
-
     def initialise(self, **label_values: tuple[str, ...]) -> None:
         """Create series at zero (``keygate_auth_refusals=("invalid_credentials", ...)``), so
         alerts and dashboards see them before the first event."""
@@ -215,6 +215,20 @@ class Metrics:
             self._cells.clear()
             self._histograms.clear()
             self._requests.clear()
+
+
+def _flush_every(ref: weakref.ref[Metrics], stopped: threading.Event, interval: float) -> None:
+    """The flusher thread; it holds its ``Metrics`` only weakly, so an app that is dropped
+    (tests build hundreds) takes its thread with it."""
+    while not stopped.wait(interval):
+        metrics = ref()
+        if metrics is None:
+            return
+        try:
+            metrics.flush()
+        except Exception:  # a full disk, say: keep counting, try again
+            logging.getLogger("keygate.metrics").warning("could not write the metrics files", exc_info=True)
+        del metrics
 
 
 def clean_directory(directory: Path) -> None:
