@@ -79,6 +79,7 @@ def test_metrics_are_exact_sums_over_two_workers_and_random_paths_add_no_series(
 
     for i in range(10):  # unmatched paths have their series from the first one on ...
         assert _fresh(server, f"/first-{i}").status_code == 404
+    time.sleep(1.5)  # ... once both workers have written them (and the scrapes' own series)
     series = len(samples(_metrics(server, admin)))
     with requests.Session() as s:  # ... and 1,000 more add none (keep-alive: a few seconds)
         for _ in range(1000):
