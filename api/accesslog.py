@@ -1,10 +1,13 @@
-"""The access log: one line per request, written by keygate's server around any WSGI app.
+"""The access log: one record per request, written by keygate's server around any WSGI app.
 
 The server (granian) has an access log of its own, but it can't see what keygate
 must keep out of a log, so this middleware writes it instead: every value that may
 carry a credential goes through ``keys.redact`` first (the query string, whatever its
-parameter names are encoded as, and the Referer and User-Agent headers), and every
-control or non-ASCII character is escaped, so a request can't forge a log line.
+parameter names are encoded as, and the Referer and User-Agent headers). The record
+carries the request's fields (``record.access``); the handler's formatter writes them
+as a Combined Log Format line (``CombinedFormatter``, the default, every control or
+non-ASCII character escaped so a request can't forge a line) or as one JSON object
+(``api.logformat.JsonFormatter``, ``KEYGATE_LOG_FORMAT=json``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from keys.auth import PRINCIPAL_ENVIRON_KEY
 from keys.redact import redact, redact_query
+
+from .instrument import REQUEST_ID_KEY, ROUTE_KEY
 
 log = logging.getLogger("keygate.access")
 
@@ -33,24 +39,8 @@ def _escape(text: str) -> str:
                        else f"\\u{ord(m.group()):04x}", text)
 
 
-class _Clock:
-    """The Common Log Format timestamp, formatted once per second rather than per line."""
-
-    second = -1
-    text = ""
-
-    def now(self) -> str:
-        t = int(time.time())
-        if t != self.second:
-            self.second, self.text = t, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(t))
-        return self.text
-
-
 class AccessLog:
-    """WSGI middleware: a Combined Log Format line per request, plus its duration.
-
-    ``127.0.0.1 - - [02/Dec/2026:10:00:00 +0000] "GET /data?token=[REDACTED] HTTP/1.1"
-    200 134 "-" "curl/8.0" 0.412ms``
+    """WSGI middleware: a record per request, with its redacted fields.
 
     It also names the server ``keygate`` (``Server``), so no response names the stack.
     """
@@ -58,7 +48,6 @@ class AccessLog:
     def __init__(self, app: WSGIApp, logger: logging.Logger = log) -> None:
         self.app = app
         self.logger = logger
-        self._clock = _Clock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
@@ -73,26 +62,65 @@ class AccessLog:
             return self.app(environ, start)
         finally:
             if self.logger.isEnabledFor(logging.INFO):
-                self.logger.info(self.line(environ, sent, time.perf_counter() - started))
+                fields = self.fields(environ, sent, time.perf_counter() - started)
+                self.logger.info("request", extra={"access": fields})
 
-    def line(self, environ: dict[str, Any], sent: list[Any], duration: float) -> str:
-        status, length = "500", "-"  # an app that raised instead of answering
+    def fields(self, environ: dict[str, Any], sent: list[Any], duration: float) -> dict[str, Any]:
+        """What the log says about a request: nothing that may hold a credential unredacted,
+        the key's id (never the key), the route template and the request id."""
+        status, length = 500, None  # an app that raised instead of answering
         if sent:
-            status = sent[0][:3]
+            status = int(sent[0][:3])
             for name, value in sent[1]:
                 if name == "Content-Length" or name.lower() == "content-length":
-                    length = value
+                    length = int(value) if value.isdigit() else None
                     break
-        target = _escape(redact(environ.get("PATH_INFO", "")))
+        path = redact(environ.get("PATH_INFO", ""))
         query = environ.get("QUERY_STRING")
         if query:
-            target += "?" + _escape(redact_query(query))
+            path += "?" + redact_query(query)
         referer = environ.get("HTTP_REFERER")
         agent = environ.get("HTTP_USER_AGENT")
+        principal = environ.get(PRINCIPAL_ENVIRON_KEY)
+        return {
+            "request_id": environ.get(REQUEST_ID_KEY),
+            "client": environ.get("REMOTE_ADDR") or None,
+            "method": environ.get("REQUEST_METHOD", "-"),
+            "path": path,
+            "route": environ.get(ROUTE_KEY),
+            "protocol": environ.get("SERVER_PROTOCOL", "-"),
+            "status": status,
+            "bytes": length,
+            "duration_ms": round(duration * 1000, 3),
+            "key_id": principal.key_id if principal is not None else None,
+            "referer": redact(referer) if referer else None,
+            "user_agent": redact(agent) if agent else None,
+        }
+
+
+class CombinedFormatter(logging.Formatter):
+    """The Combined Log Format line of an access record, plus its duration and request id:
+
+    ``127.0.0.1 - - [02/Dec/2026:10:00:00 +0000] "GET /data?token=[REDACTED] HTTP/1.1"
+    200 134 "-" "curl/8.0" 0.412ms 4bf92f3577b34da6a3ce929d0e0e4736``
+
+    The timestamp is formatted once per second rather than per line.
+    """
+
+    _second = -1
+    _text = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        f = getattr(record, "access", None)
+        if f is None:
+            return super().format(record)
+        t = int(record.created)
+        if t != self._second:
+            self._second, self._text = t, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(t))
+        referer, agent = f["referer"], f["user_agent"]
         return (
-            f'{environ.get("REMOTE_ADDR") or "-"} - - [{self._clock.now()}] '
-            f'"{environ.get("REQUEST_METHOD", "-")} {target} '
-            f'{environ.get("SERVER_PROTOCOL", "-")}" {status} {length} '
-            f'"{_escape(redact(referer)) if referer else "-"}" '
-            f'"{_escape(redact(agent)) if agent else "-"}" {duration * 1000:.3f}ms'
+            f'{f["client"] or "-"} - - [{self._text}] "{_escape(f["method"])} {_escape(f["path"])} '
+            f'{_escape(f["protocol"])}" {f["status"]} {"-" if f["bytes"] is None else f["bytes"]} '
+            f'"{_escape(referer) if referer else "-"}" "{_escape(agent) if agent else "-"}" '
+            f'{f["duration_ms"]:.3f}ms {f["request_id"] or "-"}'
         )

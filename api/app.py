@@ -14,7 +14,7 @@ from keys import KeyAuth, open_store
 from keys.auth import HeaderKey, QueryToken
 from keys.cache import CachedLookup
 from keys.verify import KeyLookup
-from keys.exc import ConfigError, StoreUnavailable
+from keys.exc import ConfigError, KeygateError, StoreUnavailable
 from keys.store import SCHEMA_VERSION, KeyStore
 from keys.ratelimit import Limiter, open_limiter
 from keys.retention import AuditRetention
@@ -23,7 +23,10 @@ from keys.tokens import TokenSigner
 from keys.usage import UsageRecorder
 
 from . import openapi
+from .backends import RATE_LIMITER, STORE, Backends, Readiness
 from .config import Settings, load_settings
+from .instrument import Instrumented
+from .metrics import DIRECTORY_NAME, Metrics, StoreCollector
 from .problems import register_problem_handlers
 from .ratelimits import RateLimits
 from .responses import KeygateResponse
@@ -127,6 +130,45 @@ def _closer(*closeables: Any) -> Callable[[], None]:
     return close
 
 
+def _open_metrics(settings: Settings) -> Metrics:
+    try:
+        return Metrics(settings.instance_path / DIRECTORY_NAME)
+    except OSError as e:
+        raise ConfigError(f"KEYGATE_INSTANCE_PATH: cannot create the metrics files: {e.strerror}") from None
+
+
+#: Refusals counted by ``keygate_auth_refusals_total{code}`` (from zero, so alerts see them).
+_REFUSAL_CODES = ("multiple_credentials", "missing_credentials", "invalid_credentials", "key_revoked",
+                  "key_expired", "invalid_token", "token_expired", "insufficient_scope", "ip_not_allowed")
+
+
+def _refusal_counter(metrics: Metrics) -> Callable[[KeygateError], None]:
+    metrics.initialise(keygate_auth_refusals=_REFUSAL_CODES, keygate_rate_limited=("key", "auth_throttled"),
+                       keygate_backend_errors=(STORE, RATE_LIMITER), keygate_usage_flush_seconds=())
+
+    def count(e: KeygateError) -> None:
+        if e.status == 429:
+            metrics.inc("keygate_rate_limited", "key" if e.code == "rate_limited" else e.code)
+        elif e.status in (400, 401, 403):
+            metrics.inc("keygate_auth_refusals", e.code)
+
+    return count
+
+
+def _flush_reporter(metrics: Metrics, backends: Backends) -> Callable[[float, BaseException | None], None]:
+    def report(seconds: float, error: BaseException | None) -> None:
+        metrics.observe("keygate_usage_flush_seconds", seconds)
+        if error is None:
+            backends.ok(STORE)
+        elif isinstance(error, StoreUnavailable):
+            backends.failed(STORE, error, "usage counters wait in memory until it is back")
+        else:
+            logging.getLogger("keygate.usage").warning("could not write usage counters; will retry",
+                                                       exc_info=error)
+
+    return report
+
+
 def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | None = None) -> Flask:
     """Build the keygate WSGI app.
 
@@ -156,29 +198,39 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     store = store or open_checked_store(settings)
     signer = TokenSigner(settings.secret_keys, settings.token_max_ttl, SCOPES)
+    metrics = _open_metrics(settings)
+    backends = Backends(metrics)
     # Verification reads through a per-process cache of recently verified keys, emptied
     # whenever the store's revision moves (checked at most every 0.5 s): see keys/cache.py.
     # PostgreSQL keeps many records (a miss is a network round trip); SQLite only the hot
     # keys (a miss costs microseconds). The memory store is already memory.
     lookup: KeyLookup = store
-    if store.backend == "postgresql":
-        lookup = CachedLookup(store, max_entries=100_000)
-    elif store.backend == "sqlite":
-        lookup = CachedLookup(store, max_entries=4096)
+    if store.backend in ("postgresql", "sqlite"):
+        lookup = CachedLookup(store, max_entries=100_000 if store.backend == "postgresql" else 4096)
+        # Its revision check reads the store every 0.5 s under traffic: the sign an outage ended.
+        lookup.on_reached = lambda: backends.ok(STORE)
     auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer, key_in_url_detail=KEY_IN_URL_DETAIL)],
                    lookup=lookup, scopes=SCOPES, realm=REALM)
     usage = UsageRecorder(store)
+    usage.on_flush = _flush_reporter(metrics, backends)
     auth.on_failure(lambda e: usage.failure(e.code))
+    auth.on_failure(_refusal_counter(metrics))
     app.extensions["keygate.usage"] = usage
     limiter = open_configured_limiter(settings)
-    RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
+    RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open, backends)
     app.extensions["keygate.signer"] = signer
     retention = AuditRetention(store, settings.audit_retention)
     retention.start()
     app.extensions["keygate.retention"] = retention
-    app.extensions["keygate.close"] = _closer(retention, usage, limiter, store)
+    app.extensions["keygate.metrics"] = metrics
+    app.extensions["keygate.metrics_collector"] = StoreCollector(store, openapi.package_version())
+    app.extensions["keygate.backends"] = backends
+    app.extensions["keygate.readiness"] = Readiness(backends, {
+        STORE: lambda: store.revision(), RATE_LIMITER: lambda: limiter.ping()})
+    app.extensions["keygate.close"] = _closer(retention, usage, limiter, store, metrics)
     if settings.cors_origins:
         _enable_cors(app, settings.cors_origins)
+    app.wsgi_app = Instrumented(app.wsgi_app, metrics)  # type: ignore[method-assign]
 
     api = KeygateApi(
         app,
@@ -193,10 +245,10 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         # installed without the file falls back to RESTX's own Swagger 2.0 document.
         docs_spec_endpoint="openapi" if openapi.load_document() is not None else None,
     )
-    from .namespaces import admin_keys, health, pages, tokens
+    from .namespaces import admin_keys, health, operations, pages, tokens
 
     api.add_namespace(health.ns)
-    for ns in [*pages.namespaces(auth), tokens.namespace(auth, signer),
+    for ns in [*operations.namespaces(auth), *pages.namespaces(auth), tokens.namespace(auth, signer),
                *admin_keys.namespaces(auth, usage)]:
         api.add_namespace(ns)
 

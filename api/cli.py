@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -383,6 +384,47 @@ def audit(key_id: str | None, limit: int, as_json: bool) -> None:
             click.echo("(none)")
 
 
+@cli.command("export")
+@click.option("--audit", is_flag=True, help="Also the audit trail and the failure counts.")
+def export_cmd(audit: bool) -> None:
+    """Write every key (metadata and hash; there is no plaintext) as JSON lines on stdout.
+
+    A backup, and the way from one store to another: `keygate export > keys.jsonl`, then
+    `keygate import keys.jsonl` with KEYGATE_DATABASE_URL naming the new store.
+    """
+    from keys.backup import export_lines
+
+    store = _store()
+    out = click.get_text_stream("stdout")
+    for line in export_lines(store, audit=audit):
+        out.write(line + "\n")
+    out.flush()
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+def import_cmd(file: Path, as_json: bool) -> None:
+    """Load an export into an empty store (any backend); refuses a store that holds keys.
+
+    Every line is checked before anything is written, and the load is one transaction.
+    """
+    from keys.backup import check_export, import_export
+
+    checked = check_export(file, SCOPES)  # a bad file is named before any store is touched
+    store = _store()
+    present = store.count()
+    if present:
+        fail(f"the store already holds {present} key{'s' if present != 1 else ''}; "
+             "import loads into an empty store only (nothing was changed)")
+    done = import_export(store, file, checked, SCOPES)
+    if as_json:
+        _emit_json({"keys": done.keys, "events": done.events})
+    else:
+        click.echo(f"Imported {done.keys} keys and {done.events} audit events into the "
+                   f"{store.backend} store.", err=True)
+
+
 def _check_port_free(host: str, port: int) -> None:
     """One clear line now, rather than the server failing to bind in every worker."""
     import socket
@@ -424,13 +466,20 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     settings = load_settings()
     open_configured_limiter(settings).close()
     _check_port_free(where.host, where.port)
+    from .metrics import DIRECTORY_NAME as METRICS_DIRECTORY
     from .server import ServeOptions
     from .server import serve as run
 
     scheme = "https" if where.certfile else "http"
     shown = f"[{where.host}]" if ":" in where.host else where.host
-    click.echo(f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
-               f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)", err=True)
+    notice = (f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
+              f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)")
+    if settings.log_format == "json":
+        from .logformat import json_line
+
+        notice = json_line(notice)
+    click.echo(notice, err=True)
     run(ServeOptions(host=where.host, port=where.port, workers=where.workers,
                      threads=where.threads or default_threads(settings),
-                     certfile=where.certfile, keyfile=where.keyfile))
+                     certfile=where.certfile, keyfile=where.keyfile, log_format=settings.log_format,
+                     metrics_dir=settings.instance_path / METRICS_DIRECTORY))

@@ -31,6 +31,7 @@ PREFIX = "KEYGATE_"
 MIN_SECRET_LENGTH = MIN_LENGTH
 #: The shortest audit retention taken: anything less is likelier a unit left out than intent.
 MIN_RETENTION = 86400
+LOG_FORMATS = ("text", "json")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 
@@ -58,6 +59,7 @@ class Settings:
     ratelimit_prefix: str = "keygate:"
     audit_retention: int = 90 * 86400
     cors_origins: tuple[str, ...] = ()
+    log_format: str = "text"
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -255,6 +257,10 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     except ValueError as e:
         raise ConfigError(f"KEYGATE_RATELIMIT_PREFIX: {e}") from None
 
+    log_format = str(get("LOG_FORMAT") or "text").strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"KEYGATE_LOG_FORMAT must be {' or '.join(LOG_FORMATS)}, not {log_format[:20]!r}")
+
     return Settings(
         database_url=database_url,
         secret_keys=_secret_keys(get("SECRET_KEY"), instance),
@@ -267,4 +273,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         ratelimit_prefix=prefix,
         audit_retention=audit_retention,
         cors_origins=_cors_origins(get("CORS_ORIGINS")),
+        log_format=log_format,
     )

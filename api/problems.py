@@ -19,8 +19,12 @@ from keys.exc import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    StoreUnavailable,
 )
+from keys.ratelimit import RateLimitUnavailable
 from keys.redact import redact
+
+from .instrument import REQUEST_ID_KEY
 
 # Stable, non-dereferenceable type URIs (RFC 9457 §3.1.1 suggests tag: URIs for these).
 PROBLEM_TYPE_BASE = "tag:keygate,2026:problem/"
@@ -43,6 +47,9 @@ def problem(status: int, code: str, title: str, detail: str) -> Response:
         "code": code,
         "instance": redact(request.path),  # a key pasted into a URL is not echoed back
     }
+    request_id = request.environ.get(REQUEST_ID_KEY)
+    if request_id is not None:  # RFC 9457 extension member: quote it when reporting a problem
+        body["request_id"] = request_id
     return current_app.response_class(json.dumps(body), status=status, mimetype="application/problem+json")
 
 
@@ -76,6 +83,11 @@ def problem_response(e: BaseException) -> Response:
             code = (e.name or "error").lower().replace(" ", "_")
             return problem(status, code, e.name, e.description or e.name)
         e = converted
+    if isinstance(e, StoreUnavailable) and not isinstance(e, RateLimitUnavailable):
+        # (the rate limiter's outages are reported where they are caught: api/ratelimits.py)
+        backends = current_app.extensions.get("keygate.backends")
+        if backends is not None:
+            backends.failed("store", e)
     if not isinstance(e, KeygateError):
         log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
         return problem(500, "internal_error", "Internal error", "The server failed; it has been logged.")

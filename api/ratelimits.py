@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, request
 
@@ -16,7 +15,9 @@ from keys.parse import RateLimit, parse_rate_limit
 from keys.ratelimit import Limiter, LimitState, RateLimitUnavailable
 from keys.usage import UsageRecorder
 
-log = logging.getLogger("keygate.ratelimit")
+if TYPE_CHECKING:
+    from .backends import Backends
+
 #: Where a request's ``LimitState`` is kept (the WSGI environ: the response reads it there).
 ENVIRON_KEY = "keygate.rate_limit"
 
@@ -26,12 +27,12 @@ class RateLimits:
     scope or not; only authorised ones count as uses."""
 
     def __init__(self, app: Flask, auth: KeyAuth, limiter: Limiter, default: str,
-                 usage: UsageRecorder, fail_open: bool = False) -> None:
+                 usage: UsageRecorder, fail_open: bool = False, backends: Backends | None = None) -> None:
         self.limiter = limiter
         self.default = parse_rate_limit(default)
         self.usage = usage
         self.fail_open = fail_open
-        self._last_outage_log = 0.0
+        self.backends = backends
         auth.after_identification(self._on_request)  # 403s for scope count too
         auth.after_authentication(self._on_authorised)
         app.response_class = type("Response", (RateLimitHeaders, app.response_class), {})
@@ -50,10 +51,15 @@ class RateLimits:
         try:
             state = self.limiter.hit(principal.key_id, self.limit_for(principal))
         except RateLimitUnavailable as e:
-            self._log_outage(e)
+            if self.backends is not None:  # logged once as the outage starts, once as it ends
+                self.backends.failed("rate_limiter", e, "letting requests through (KEYGATE_RATELIMIT_FAIL_OPEN=1)"
+                                     if self.fail_open else "refusing requests with 503 (set "
+                                     "KEYGATE_RATELIMIT_FAIL_OPEN=1 to let them through)")
             if not self.fail_open:
                 raise
             return
+        if self.backends is not None:
+            self.backends.ok("rate_limiter")
         request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
             raise RateLimited(
@@ -64,13 +70,6 @@ class RateLimits:
     def _on_authorised(self, principal: Principal) -> None:
         self.usage.hit(principal.key_id)  # use_count counts what the key was let do
 
-    def _log_outage(self, e: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_outage_log > 10:  # one line per 10 s, not one per request
-            self._last_outage_log = now
-            action = "letting requests through (KEYGATE_RATELIMIT_FAIL_OPEN=1)" if self.fail_open \
-                else "refusing requests with 503 (set KEYGATE_RATELIMIT_FAIL_OPEN=1 to let them through)"
-            log.error("rate-limit store unavailable (%s); %s", e.__cause__ or e, action)
 
 class RateLimitHeaders:
     """Response mixin: the rate-limit headers of the request's hit (every response to a

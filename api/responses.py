@@ -9,6 +9,9 @@ from flask import Response
 
 from keys.auth import PRINCIPAL_ENVIRON_KEY
 
+from .instrument import REQUEST_ID_KEY, ROUTE_KEY, STATUS_KEY
+from .metrics import UNMATCHED
+
 #: RFC 6797: once a browser has seen keygate over HTTPS, it never tries plain HTTP for a year.
 HSTS = ("Strict-Transport-Security", "max-age=31536000")
 
@@ -18,8 +21,8 @@ _NO_STORE_STATUSES = frozenset({401, 403, 429})
 
 class KeygateResponse(Response):
     """Adds ``X-Content-Type-Options`` always; ``Cache-Control: no-store`` to authenticated
-    responses and to refusals (401/403/429), so neither is ever cached; and HSTS when the
-    request came over HTTPS.
+    responses and to refusals (401/403/429), so neither is ever cached; HSTS when the
+    request came over HTTPS; and ``X-Request-ID`` (``api.instrument``).
 
     They are appended to the WSGI header list as the response is sent, from what the
     request left in the environ: no after-request hook, and no ``headers[...] =``, which
@@ -37,6 +40,14 @@ class KeygateResponse(Response):
             headers.append(("Cache-Control", "no-store"))
         if environ.get("wsgi.url_scheme") == "https":
             headers.append(HSTS)
+        request_id = environ.get(REQUEST_ID_KEY)
+        if request_id is not None:
+            headers.append(("X-Request-ID", request_id))
+        # For the metrics and the access log, written after the request context is gone.
+        request = environ.get("werkzeug.request")
+        rule = request.url_rule if request is not None else None
+        environ[ROUTE_KEY] = UNMATCHED if rule is None else rule.rule
+        environ[STATUS_KEY] = self.status_code
         return app_iter, status, headers
 
     def get_app_iter(self, environ: dict[str, Any]) -> Iterable[bytes]:

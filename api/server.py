@@ -20,6 +20,7 @@ from typing import Any
 from keys.redact import redact
 
 from .accesslog import AccessLog, WSGIApp
+from .metrics import clean_directory
 
 #: Descriptors kept back from connections for the store, logs and the rate-limit table.
 RESERVED_FDS = 256
@@ -44,6 +45,10 @@ class ServeOptions:
     threads: int = 1  # Python threads per worker running requests (``config.default_threads``)
     certfile: Path | None = None
     keyfile: Path | None = None
+    log_format: str = "text"
+    #: The metrics directory of the workers' app (``<instance path>/metrics``): emptied
+    #: before the workers start, so the counts start at zero with the server.
+    metrics_dir: Path | None = None
 
 
 class _RedactFilter(logging.Filter):
@@ -55,20 +60,24 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-def logging_config() -> dict[str, Any]:
+def logging_config(log_format: str = "text") -> dict[str, Any]:
     """One ``dictConfig`` for the server's processes: errors and notices with a time and a
-    level on stderr, the access log (``keygate.access``) on stdout."""
+    level on stderr, the access log (``keygate.access``) on stdout; under ``json``, every
+    one of them a JSON object (``api.logformat``)."""
+    if log_format == "json":
+        formatters: dict[str, Any] = {"generic": {"()": "api.logformat.JsonFormatter"},
+                                      "access": {"()": "api.logformat.JsonFormatter"}}
+    else:
+        formatters = {"generic": {"format": "%(asctime)s [%(levelname)s] %(name)s: %(message)s"},
+                      "access": {"()": "api.accesslog.CombinedFormatter"}}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": _RedactFilter}},
-        "formatters": {
-            "generic": {"format": "%(asctime)s [%(levelname)s] %(name)s: %(message)s"},
-            "access": {"format": "%(message)s"},
-        },
+        "filters": {"redact": {"()": _RedactFilter}, "request_id": {"()": "api.logformat.RequestIdFilter"}},
+        "formatters": formatters,
         "handlers": {
             "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
-                        "formatter": "generic", "filters": ["redact"]},
+                        "formatter": "generic", "filters": ["redact", "request_id"]},
             "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
                        "formatter": "access"},
         },
@@ -99,6 +108,7 @@ def load_worker_app(target: str) -> WSGIApp:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    _route_stray_output_to_logging()
     app = _import(target)()
     close = getattr(app, "extensions", {}).get("keygate.close")
     if close is not None:
@@ -108,6 +118,23 @@ def load_worker_app(target: str) -> WSGIApp:
     for name in [n for n in os.environ if n.startswith(_SECRET_ENV_PREFIX)]:
         del os.environ[name]
     return AccessLog(app)
+
+
+def _route_stray_output_to_logging() -> None:
+    """Warnings and uncaught exceptions in threads go through logging (redacted, and one
+    JSON object under ``KEYGATE_LOG_FORMAT=json``) rather than raw onto stderr."""
+    import threading
+
+    logging.captureWarnings(True)
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        logging.getLogger("keygate").error("uncaught exception in thread %s",
+                                           getattr(args.thread, "name", "?"),
+                                           exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = hook
 
 
 def connection_budget() -> int:
@@ -153,7 +180,7 @@ def serve(options: ServeOptions, target: str = "api:create_app") -> None:
                                      max_buffer_size=MAX_HEADER_BYTES),
         http2_settings=HTTP2Settings(max_headers_size=MAX_HEADER_BYTES, max_concurrent_streams=100),
         websockets=False,
-        log_dictconfig=logging_config(),
+        log_dictconfig=logging_config(options.log_format),
         log_access=False,  # keygate's AccessLog writes it, redacted
         ssl_cert=options.certfile,
         ssl_key=options.keyfile,
@@ -161,4 +188,6 @@ def serve(options: ServeOptions, target: str = "api:create_app") -> None:
         respawn_failed_workers=True,
         workers_kill_timeout=SHUTDOWN_GRACE,
     )
+    if options.metrics_dir is not None:
+        clean_directory(options.metrics_dir)  # here, in the master, before any worker starts
     server.serve(target_loader=load_worker_app)

@@ -84,6 +84,7 @@ BASELINE_PATH = "/bench-baseline"
 TARGET_RATIO = 1.1  # authenticated request with the largest store / with the smallest
 TARGET_TOKEN_RATIO = 1.5  # query token's auth overhead / a header key's, same route (issue 3)
 TARGET_LIMITS_US = 10.0  # what rate limits + usage counting add to an authenticated request (issue 4)
+TARGET_METRICS_US = 3.0  # what request ids + Prometheus metrics add to a request (issue 15)
 #: A default limit no batch can reach: the limiter does its full work and never refuses.
 HUGE_RATE_LIMIT = "10000000/minute"
 
@@ -333,6 +334,18 @@ def limits_usage_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     return bench
 
 
+def limits_usage_bare_app(fixture: Fixture, instance_path: Path) -> BenchApp:
+    """``limits_usage_app`` without what issue 15 added to every request: the request-id
+    and metrics middleware (``api/instrument.py``) and the backends' outage bookkeeping."""
+    from api.instrument import Instrumented
+
+    bench = limits_usage_app(fixture, instance_path)
+    assert isinstance(bench.app.wsgi_app, Instrumented)
+    bench.app.wsgi_app = bench.app.wsgi_app.app  # type: ignore[method-assign]
+    bench.app.extensions["keygate.ratelimits"].backends = None
+    return bench
+
+
 # -- scenarios --------------------------------------------------------------------------
 
 
@@ -380,6 +393,7 @@ def query_token(fx: Fixture, bench: BenchApp) -> list[dict[str, str]]:
 # Rows that the report compares with each other (issues 3 and 4).
 TOKEN_HEADER, TOKEN_QUERY = "header key on /data", "query token on /data"
 LIMITS_BASE, LIMITS_ON = "repeated key", "limits + usage"
+METRICS_OFF = "limits + usage, no metrics"
 
 SCENARIOS = [
     # As deployed: a key used again is verified from the per-process cache (keys/cache.py).
@@ -396,6 +410,11 @@ SCENARIOS = [
     # with the auth-only "repeated key" row of the same store.
     Scenario(LIMITS_ON, "/secret", lambda fx, _: [api_key_header(fx.keys[0])],
              target_us=None, make_app=limits_usage_app, every_store=False,
+             expect_headers=("RateLimit", "RateLimit-Policy", "X-RateLimit-Remaining", "X-Request-ID")),
+    # Issue 15: the same request without the request id and the metrics, compared with the
+    # "limits + usage" row (the app as deployed).
+    Scenario(METRICS_OFF, "/secret", lambda fx, _: [api_key_header(fx.keys[0])],
+             target_us=None, make_app=limits_usage_bare_app, every_store=False,
              expect_headers=("RateLimit", "RateLimit-Policy", "X-RateLimit-Remaining")),
 ]
 
@@ -631,6 +650,24 @@ def report(rows: list[Row]) -> bool:
         print(f"  added {delta:+.1f} ± {paired_stderr_us(limited.authed, plain.authed):.1f} µs "
               f"(overheads: {limited.overhead_us - plain.overhead_us:+.1f})  "
               f"target ≤{TARGET_LIMITS_US:.0f} µs  {_verdict(passed)}")
+
+    bare = row_of(METRICS_OFF)
+    if limited is not None and bare is not None:
+        delta = limited.authed_us - bare.authed_us
+        passed = delta <= TARGET_METRICS_US
+        ok &= passed
+        print()
+        print(f"request ids + metrics, GET /secret, {limited.fixture.label}, repeated key, limits + usage on:")
+        print(f"  authenticated request: without {bare.authed_us:.1f} µs, with {limited.authed_us:.1f} µs; "
+              f"unauthenticated baseline: without {bare.baseline_us:.1f} µs, with {limited.baseline_us:.1f} µs")
+        print(f"  added {delta:+.1f} ± {paired_stderr_us(limited.authed, bare.authed):.1f} µs "
+              f"(to the baseline: {limited.baseline_us - bare.baseline_us:+.1f})  "
+              f"target ≤{TARGET_METRICS_US:.0f} µs  {_verdict(passed)}")
+        # On a busy machine the medians move by more than this row measures; the fastest
+        # tenth of each series is disturbed least (printed, not judged).
+        p10 = [statistics.quantiles(c.samples, n=10)[0] / 1000 for c in (limited.authed, bare.authed)]
+        print(f"  fastest tenth of the batches: with {p10[0]:.1f} µs, without {p10[1]:.1f} µs, "
+              f"added {p10[0] - p10[1]:+.1f} µs")
     return ok
 
 

@@ -48,6 +48,7 @@ WORKERS = 2
 WARMUP_S, RUN_S, ROUNDS = 2, 5, 3
 HUGE_LIMIT = "100000000/minute"
 IDLE_CONNECTIONS, SLOW_CONNECTIONS = 200, 50
+LOG_FORMAT = "text"  # --log-format: KEYGATE_LOG_FORMAT of every server keygate's own code runs
 
 
 # -- servers --------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def start(name: str, argv: list[str], env: dict[str, str], port: int, workdir: P
 def keygate_env(instance: Path, database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYGATE_")}
     env.update(KEYGATE_INSTANCE_PATH=str(instance), KEYGATE_DATABASE_URL=database_url,
-               KEYGATE_DEFAULT_RATE_LIMIT=HUGE_LIMIT, PYTHONPATH=str(ROOT))
+               KEYGATE_DEFAULT_RATE_LIMIT=HUGE_LIMIT, KEYGATE_LOG_FORMAT=LOG_FORMAT, PYTHONPATH=str(ROOT))
     return env
 
 
@@ -146,7 +147,7 @@ def serve_keygate(name: str, env: dict[str, str], workdir: Path) -> Server:
 def serve_on_keygates_server(name: str, target: str, env: dict[str, str], workdir: Path) -> Server:
     port = free_port()
     code = ("import sys; sys.path.insert(0, 'bench'); from api.server import ServeOptions, serve; "
-            f"serve(ServeOptions(port={port}, workers={WORKERS}), target={target!r})")
+            f"serve(ServeOptions(port={port}, workers={WORKERS}, log_format={LOG_FORMAT!r}), target={target!r})")
     return start(name, [PY, "-c", code], env, port, workdir)
 
 
@@ -279,14 +280,18 @@ class Row:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="KEYGATE_LOG_FORMAT of the servers on keygate's code (default text)")
     args = parser.parse_args(argv)
+    global LOG_FORMAT
+    LOG_FORMAT = args.log_format
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt install wrk)")
     sys.path.insert(0, str(BENCH))
     from bench_auth import DISTINCT_KEYS, sqlite_fixture
 
     print(f"cpu: {_cpu()}; {os.cpu_count()} cores; {WORKERS} workers per server; "
-          f"wrk -t1, {WARMUP_S} s warm-up + {RUN_S} s per measurement, {args.rounds} rounds")
+          f"wrk -t1, {WARMUP_S} s warm-up + {RUN_S} s per measurement, {args.rounds} rounds; logs: {LOG_FORMAT}")
     big = sqlite_fixture(1_000_000)
     with tempfile.TemporaryDirectory(prefix="kg-bench-http-") as tmp, ExitStack() as servers:
         work = Path(tmp)

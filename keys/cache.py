@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from .model import KeyRecord
 from .store.base import KeyStore
@@ -40,6 +41,8 @@ class CachedLookup:
         self._epoch = 0  # bumped on every clear, so a fetch that raced a clear isn't cached
         self._checked = -float("inf")
         self._lock = threading.Lock()
+        #: Called after every revision read that succeeded: the store answered (outage tracking).
+        self.on_reached: Callable[[], None] | None = None
 
     def get(self, key_id: str) -> KeyRecord | None:
         if time.monotonic() - self._checked > self.max_staleness:
@@ -79,6 +82,8 @@ class CachedLookup:
                 self._records.clear()
                 self._revision = revision
             self._checked = now
+        if self.on_reached is not None:
+            self.on_reached()
 
     def clear(self) -> None:
         with self._lock:

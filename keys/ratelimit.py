@@ -69,6 +69,10 @@ class Limiter(ABC):
         hits are not counted. ``now`` (seconds since the epoch) is for tests that drive
         the clock; by default the backend's own clock decides."""
 
+    def ping(self) -> None:
+        """Raise ``RateLimitUnavailable`` if the limit store doesn't answer (readiness
+        probes); a table in this host's memory always does."""
+
     def close(self) -> None:
         pass
 

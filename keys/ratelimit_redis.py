@@ -178,6 +178,12 @@ class RedisLimiter(Limiter):
             raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
         return limit_state(allowed == 1, float(ahead), limit, interval)
 
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except self._redis.RedisError as e:
+            raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
+
     def close(self) -> None:
         with self._lock:
             connections, self._connections = self._connections, set()

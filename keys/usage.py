@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from .forking import after_fork_in_child
 from .store.base import KeyStore
@@ -31,6 +32,8 @@ class UsageRecorder:
         self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
         self.flushes = 0  # store writes made, for tests and metrics
+        #: Called after every flush that wrote something: ``(seconds it took, the error or None)``.
+        self.on_flush: Callable[[float, BaseException | None], None] | None = None
         after_fork_in_child(self._after_fork)
 
     def hit(self, key_id: str, now: float | None = None) -> None:
@@ -67,21 +70,29 @@ class UsageRecorder:
             failures, self._failures = self._failures, Counter()
         if not usage and not failures:
             return
+        started = time.perf_counter()
         try:
             if usage:
                 self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items()})
                 self.flushes += 1
+                usage = {}  # written: a failure below must not merge it back (and count it twice)
             if failures:
                 self.store.add_auth_failures(failures)
                 self.flushes += 1
-        except Exception:
-            log.warning("could not write usage counters; will retry", exc_info=True)
+        except Exception as e:
+            if self.on_flush is not None:  # it reports the outage (once, not every interval)
+                self.on_flush(time.perf_counter() - started, e)
+            else:
+                log.warning("could not write usage counters; will retry", exc_info=True)
             with self._lock:  # merge back so nothing is lost to a brief outage
                 for k, (at, n) in usage.items():
                     entry = self._usage.setdefault(k, [at, 0])
                     entry[0] = max(entry[0], at)
                     entry[1] += n
                 self._failures.update(failures)
+            return
+        if self.on_flush is not None:
+            self.on_flush(time.perf_counter() - started, None)
 
     def _start_thread(self) -> None:
         with self._lock:

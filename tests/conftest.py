@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -25,10 +26,22 @@ CREDENTIAL_RE = re.compile(r"kg_[0-9A-Za-z]{20,}|[0-9A-Za-z]{12}\.\d+\.\d{10}\.[
 
 
 def assert_no_credentials(text: str, where: str) -> None:
-    """No key or token in ``text``; the message shows where, never the value itself."""
+    """No key or token in ``text``; the message shows where, never the value itself.
+
+    Lines that are JSON objects (``KEYGATE_LOG_FORMAT=json``) are scanned once more with
+    their strings decoded, so a credential can't hide behind JSON's ``\\u`` escapes."""
     found = CREDENTIAL_RE.search(text)
     assert found is None, f"{where}: a credential-shaped value at offset {found.start()}: " \
         f"{text[max(0, found.start() - 80):found.start()]!r}[…]"
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith("{"):
+            try:
+                decoded = json.loads(line)
+            except ValueError:
+                continue
+            values = json.dumps(decoded, ensure_ascii=False)
+            found = CREDENTIAL_RE.search(values)
+            assert found is None, f"{where}: line {number}: a credential-shaped value in a JSON field"
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -18,7 +18,7 @@ from keys.keyformat import CHECKSUM_LENGTH, ID_LENGTH, PREFIX, generate_key
 from keys.store import MemoryKeyStore
 
 PROBLEM = "application/problem+json"
-PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "instance"}
+PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "instance", "request_id"}
 CHALLENGE = 'ApiKey realm="keygate"'
 REFUSED_CHALLENGE = 'ApiKey realm="keygate", error="invalid_token"'
 CLOSED_PG = "postgresql://postgres@127.0.0.1:1/test"
@@ -52,6 +52,7 @@ def problem(resp, status: int, code: str, path: str | None = None) -> dict:  # n
     assert isinstance(body["type"], str) and body["type"]
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
+    assert body["request_id"] == resp.headers["X-Request-ID"], "the id the client can quote"
     if path is not None:
         assert body["instance"] == path
     common_headers(resp)
@@ -176,7 +177,9 @@ def test_invalid_credentials(h, path):
     real = h.key(SCOPE_OF[path])
     wrong = generate_key(real[len(PREFIX) : len(PREFIX) + ID_LENGTH]).plaintext
     again = h.get(path, wrong)
-    assert problem(again, 401, "invalid_credentials", path) == body
+    same = problem(again, 401, "invalid_credentials", path)
+    assert same.pop("request_id") != body.pop("request_id")  # each request its own id ...
+    assert same == body  # ... and otherwise the very same answer
     assert again.headers["WWW-Authenticate"] == REFUSED_CHALLENGE
 
 
@@ -638,15 +641,17 @@ def test_the_instance_directory_and_its_files_are_private(tmp_path, umask, apps,
     finally:
         os.umask(old)
     assert stat.S_IMODE(instance.stat().st_mode) == 0o700
-    files = [p for p in instance.iterdir()]
+    files = [p for p in instance.rglob("*")]
     assert {p.name for p in files} >= {"keygate.db", "keygate.db-wal", "keygate.db-shm"}
     assert any(p.name.startswith("ratelimits-") for p in files)
+    assert any(p.parent.name == "metrics" for p in files)
     for p in files:
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p.name, oct(p.stat().st_mode))
+        wanted = 0o700 if p.is_dir() else 0o600
+        assert stat.S_IMODE(p.stat().st_mode) == wanted, (p.name, oct(p.stat().st_mode))
     store.close()
 
 
-def test_the_rate_limit_table_alone_makes_a_private_directory(tmp_path, apps, secret_key):
+def test_the_instance_files_alone_make_a_private_directory(tmp_path, apps, secret_key):
     old = os.umask(0o022)
     try:
         apps.append(create_app({"DATABASE_URL": "memory://", "INSTANCE_PATH": str(tmp_path / "inst"),
@@ -654,8 +659,8 @@ def test_the_rate_limit_table_alone_makes_a_private_directory(tmp_path, apps, se
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "inst").stat().st_mode) == 0o700
-    for p in (tmp_path / "inst").iterdir():
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+    for p in (tmp_path / "inst").rglob("*"):
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p.name
 
 
 # -- issue 12: OPTIONS, CORS and the documentation page -------------------------------------

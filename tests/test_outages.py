@@ -92,7 +92,10 @@ class TcpProxy:
             self.cut()
         self.up = True
 
+    resume = restore
+
     def close(self) -> None:
+        self.hanging = False
         self.cut()
         self.listener.close()
 

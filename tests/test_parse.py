@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.scopes import ADMIN, ALL_SCOPES, DATA_READ, SCOPES, SECRET_READ
+from api.scopes import ADMIN, ALL_SCOPES, DATA_READ, METRICS_READ, SCOPES, SECRET_READ
 from keys.exc import InvalidRequest
 from keys.parse import (
     DURATION_PATTERN,
@@ -171,7 +171,8 @@ def test_allow_list_with_one_bad_entry_is_refused_whole():
 
 
 def test_known_scopes():
-    assert ALL_SCOPES == (SECRET_READ, DATA_READ, ADMIN) == ("secret:read", "data:read", "admin")
+    assert ALL_SCOPES == (SECRET_READ, DATA_READ, METRICS_READ, ADMIN) == (
+        "secret:read", "data:read", "metrics:read", "admin")
 
 
 @pytest.mark.parametrize(("given", "canonical"), [

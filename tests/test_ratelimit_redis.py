@@ -357,7 +357,7 @@ def test_a_server_rides_out_a_redis_restart(env, start_server, private_redis):
     assert codes == [200] * 6
     assert private_redis.script_loads() >= 1
     output = server.output()
-    assert "rate-limit store unavailable" in output and "Traceback" not in output
+    assert "the rate-limit store is unavailable" in output and "Traceback" not in output
 
 
 def assert_unavailable_real(resp) -> None:  # noqa: ANN001

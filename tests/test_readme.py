@@ -9,7 +9,8 @@ placeholder ``ADMIN=kg_...`` gets the admin key, ``http://127.0.0.1:5000`` the s
 response (status, headers, body) on the way through.
 
 What each must answer: a block followed by a ```json block must print that JSON (the example id
-``Xk3v9QpL2mZa`` there stands for the id of the key the request sent); every other curl under
+``Xk3v9QpL2mZa`` there stands for the id of the key the request sent, the example request id
+for the one the server generated); every other curl under
 "Using it" must succeed (2xx); a table row's last response must have its status and one of its
 codes, and any header its note names ("with `Allow`"); earlier ones in the row, 2xx. Only rows
 that need waiting (expiry) or an outage have no command to run.
@@ -34,6 +35,7 @@ from conftest import REQUIRE_SERVICES, ROOT, invoke_cli
 README = ROOT / "README.md"
 README_URL = "http://127.0.0.1:5000"
 EXAMPLE_ID = "Xk3v9QpL2mZa"  # in printed JSON only: the id of the key the request sent
+EXAMPLE_REQUEST_ID = "4bf92f3577b34da6a3ce929d0e0e4736"  # stands for any generated request id
 PLACEHOLDER_ADMIN = re.compile(r"\bkg_\.\.\.")
 #: Rows that can't be run by pasting a command: they need waiting, or a backing service down.
 NOT_RUNNABLE = {"key_expired", "token_expired", "store_unavailable", "rate_limit_unavailable"}
@@ -229,6 +231,8 @@ def _matches(expected: Any, actual: Any, key_id: str | None) -> bool:
             _matches(e, a, key_id) for e, a in zip(expected, actual))
     if expected == EXAMPLE_ID:
         return actual == key_id
+    if expected == EXAMPLE_REQUEST_ID:
+        return isinstance(actual, str) and re.fullmatch(r"[0-9a-f]{32}", actual) is not None
     return expected == actual
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..model import AuditEvent, KeyRecord
@@ -68,6 +68,19 @@ class KeyStore(ABC):
     @abstractmethod
     def count(self) -> int:
         """How many keys are stored, revoked ones included."""
+
+    @abstractmethod
+    def key_states(self, now: float, expiring_by: float) -> dict[str, int]:
+        """How many keys are ``active``, ``grace``, ``revoked`` and ``expired`` at ``now``,
+        and (``expiring``) how many of the live ones expire by ``expiring_by``: one
+        aggregate read for the metrics, never a record per key."""
+
+    @abstractmethod
+    def load(self, records: Iterable[KeyRecord], events: Iterable[AuditEvent] = (),
+             auth_failures: Mapping[str, int] | None = None) -> int:
+        """Fill an empty store (an import) in one transaction: records as they are, events
+        in the order given (they get new ids), failure counts. Raises ``InvalidRequest``
+        and writes nothing if the store already holds a key. Returns the keys written."""
 
     # -- audit trail ----------------------------------------------------------
 

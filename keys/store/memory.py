@@ -6,8 +6,9 @@ import bisect
 import dataclasses
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from ..exc import InvalidRequest
 from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore, Merge
 
@@ -91,6 +92,35 @@ class MemoryKeyStore(KeyStore):
 
     def count(self) -> int:
         return len(self._keys)
+
+    def key_states(self, now: float, expiring_by: float) -> dict[str, int]:
+        counts = dict.fromkeys(("active", "grace", "revoked", "expired", "expiring"), 0)
+        with self._lock:
+            records = list(self._keys.values())
+        for record in records:
+            state = record.state(now)
+            counts[state] += 1
+            if state in ("active", "grace") and record.expires_at is not None \
+                    and record.expires_at <= expiring_by:
+                counts["expiring"] += 1
+        return counts
+
+    def load(self, records: Iterable[KeyRecord], events: Iterable[AuditEvent] = (),
+             auth_failures: Mapping[str, int] | None = None) -> int:
+        records = list(records)
+        with self._lock:
+            if self._keys:
+                raise InvalidRequest(f"the store already holds {len(self._keys)} keys; "
+                                     "import loads into an empty store only")
+            ids = [r.id for r in records]
+            if len(set(ids)) != len(ids):
+                raise InvalidRequest("the same key id appears twice")
+            for record in records:
+                self._insert(record)
+            for event in events:
+                self._append_event(event)
+            self._failures.update(auth_failures or {})
+        return len(records)
 
     def record_event(self, event: AuditEvent) -> None:
         with self._lock:

@@ -15,14 +15,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from ..exc import ConfigError, StoreUnavailable
+from ..exc import ConfigError, InvalidRequest, StoreUnavailable
 from ..files import private_dir, private_file
 from ..model import AuditEvent, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore, Merge
@@ -474,6 +474,57 @@ class SqlKeyStore(KeyStore):
     def count(self) -> int:
         with self._read() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(keys_table)).scalar_one()
+
+    def key_states(self, now: float, expiring_by: float) -> dict[str, int]:
+        k = keys_table.c
+        revoked = sa.and_(k.revoked_at.is_not(None), k.revoked_at <= now)
+        expired = sa.and_(sa.not_(revoked), k.expires_at.is_not(None), k.expires_at <= now)
+        live = sa.and_(sa.not_(revoked), sa.or_(k.expires_at.is_(None), k.expires_at > now))
+        grace = sa.and_(live, k.revoked_at.is_not(None))
+
+        def total(condition: Any) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+        stmt = sa.select(total(revoked), total(expired), total(grace), sa.func.count(),
+                         total(sa.and_(live, k.expires_at.is_not(None), k.expires_at <= expiring_by)))
+        with self._read() as conn:
+            revoked_n, expired_n, grace_n, all_n, expiring_n = conn.execute(stmt).one()
+        return {"active": all_n - revoked_n - expired_n - grace_n, "grace": int(grace_n),
+                "revoked": int(revoked_n), "expired": int(expired_n), "expiring": int(expiring_n)}
+
+    def load(self, records: Iterable[KeyRecord], events: Iterable[AuditEvent] = (),
+             auth_failures: Mapping[str, int] | None = None) -> int:
+        written = 0
+        with self._write() as conn:
+            if self.backend == "postgresql":  # two imports at once: the second waits, then refuses
+                conn.execute(sa.text(f"LOCK TABLE {keys_table.name} IN SHARE ROW EXCLUSIVE MODE"))
+            present = conn.execute(sa.select(sa.func.count()).select_from(keys_table)).scalar_one()
+            if present:
+                raise InvalidRequest(f"the store already holds {present} keys; "
+                                     "import loads into an empty store only")
+            batch: list[dict[str, Any]] = []
+            for record in records:
+                batch.append(_record_to_row(record))
+                if len(batch) == 5000:
+                    written += self._insert_keys(conn, batch)
+            written += self._insert_keys(conn, batch)
+            for audit_event in events:
+                _insert_event(conn, audit_event)
+            for code, n in sorted((auth_failures or {}).items()):
+                conn.execute(failures_table.insert().values(code=code, count=n))
+        return written
+
+    @staticmethod
+    def _insert_keys(conn: sa.Connection, batch: list[dict[str, Any]]) -> int:
+        if not batch:
+            return 0
+        try:
+            conn.execute(keys_table.insert(), batch)
+        except sa.exc.IntegrityError:
+            raise InvalidRequest("the same key id appears twice") from None
+        n = len(batch)
+        batch.clear()
+        return n
 
     def close(self) -> None:
         self._breaker.shut()  # from now on every call is StoreUnavailable, without connecting
