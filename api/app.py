@@ -139,11 +139,12 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         lookup = CachedLookup(store, max_entries=4096)
     auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer, key_in_url_detail=KEY_IN_URL_DETAIL)],
                    lookup=lookup, scopes=SCOPES, realm=REALM)
-    usage = UsageRecorder(store)
-    auth.on_failure(lambda e: usage.failure(e.code))
+    usage = UsageRecorder(store, retention=settings.usage_retention)
+    # A key refused for a scope it lacks is counted in its hourly usage too (it carries its id).
+    auth.on_failure(lambda e: usage.failure(e.code, getattr(e, "key_id", None)))
     app.extensions["keygate.usage"] = usage
     limiter = open_configured_limiter(settings)
-    RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
+    limits = RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open)
     app.extensions["keygate.signer"] = signer
     app.extensions["keygate.close"] = _closer(usage, limiter, store)
 
@@ -169,4 +170,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     openapi.register(app)  # GET /openapi.json: the full OpenAPI 3.0.3 contract
     register_problem_handlers(app)
+    # The console: pages for people, signed in with a key, beside the API (api/console/).
+    from .console import init_console
+
+    init_console(app, auth, signer, limits, usage, settings.secret_keys)
     return app

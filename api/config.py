@@ -51,6 +51,7 @@ class Settings:
     instance_path: Path
     ratelimit_fail_open: bool = False
     ratelimit_prefix: str = "keygate:"
+    usage_retention: int = 90 * 86400
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -199,6 +200,7 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     try:
         default_rate = str(parse_rate_limit(default_rate, "KEYGATE_DEFAULT_RATE_LIMIT"))
         max_ttl = parse_duration(get("TOKEN_MAX_TTL") or "24h", "KEYGATE_TOKEN_MAX_TTL")
+        usage_retention = parse_duration(get("USAGE_RETENTION") or "90d", "KEYGATE_USAGE_RETENTION")
     except InvalidRequest as e:
         raise ConfigError(e.detail) from None
 
@@ -225,4 +227,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         instance_path=instance,
         ratelimit_fail_open=_BOOLEANS[fail_open_raw],
         ratelimit_prefix=prefix,
+        usage_retention=usage_retention,
     )

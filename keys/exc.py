@@ -133,6 +133,9 @@ class InsufficientScope(AccessDenied):
     code = "insufficient_scope"
     title = "Insufficient scope"
 
+    #: The verified key that lacked the scope (``KeyAuth`` sets it), for per-key usage counts.
+    key_id: str | None = None
+
     def __init__(self, detail: str | None = None, scope: str | None = None) -> None:
         self.scope = scope
         super().__init__(detail)
@@ -156,6 +159,12 @@ class MethodNotAllowed(KeygateError):
     status = 405
     code = "method_not_allowed"
     title = "Method not allowed"
+
+
+class Conflict(KeygateError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
 
 
 class RateLimited(KeygateError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
@@ -88,3 +89,63 @@ class AuditEvent:
             "actor": self.actor,
             "detail": self.detail,
         }
+
+
+def key_state(record: KeyRecord, now: float | None = None) -> str:
+    """``active``, ``grace`` (rotated, accepted until ``revoked_at``), ``revoked`` or ``expired``
+    at ``now``: the order ``check_live`` refuses in, so a state and a refusal always agree."""
+    now = time.time() if now is None else now
+    if record.revoked_at is not None and record.revoked_at <= now:
+        return "revoked"
+    if record.expires_at is not None and record.expires_at <= now:
+        return "expired"
+    if record.revoked_at is not None:
+        return "grace"
+    return "active"
+
+
+#: Every value ``key_state`` returns, in the order a person reads them.
+KEY_STATES = ("active", "grace", "revoked", "expired")
+
+
+class KeyFilter(NamedTuple):
+    """Which keys a listing shows: a name containing ``name`` (ASCII letters in any case), holding ``scope``
+    (literally), in ``state`` at ``now``. ``None`` matches everything."""
+
+    name: str | None = None
+    scope: str | None = None
+    state: str | None = None
+    now: float = 0.0
+
+    def matches(self, record: KeyRecord) -> bool:
+        return ((self.name is None or self.name.lower() in record.name.lower())
+                and (self.scope is None or self.scope in record.scopes)
+                and (self.state is None or key_state(record, self.now) == self.state))
+
+
+class UsageBucket(NamedTuple):
+    """One key's requests in one period starting at ``start`` (epoch seconds, UTC):
+    accepted, refused by its rate limit, refused for a scope it lacks."""
+
+    start: float
+    accepted: int = 0
+    refused_limit: int = 0
+    refused_scope: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": isoformat(self.start), "accepted": self.accepted,
+                "refused_limit": self.refused_limit, "refused_scope": self.refused_scope}
+
+
+class SessionRecord(NamedTuple):
+    """A signed-in console session as the store keeps it: who, since when, last seen.
+
+    ``id_hash`` is the SHA-256 of the session id the browser holds, so the store alone
+    can't resume anybody's session. No key, no scopes: the key is looked up on every use.
+    """
+
+    id_hash: str
+    key_id: str
+    created_at: float
+    last_seen_at: float
+    csrf_secret: str

@@ -26,12 +26,13 @@ challenge).
 
 Judgement calls, made on purpose:
 
-- ``positive_data_acceptance`` is replaced, on ``POST /admin/keys``, ``POST /admin/keys/{id}/rotate``
-  and ``POST /tokens`` only, by a narrower check: these refuse some schema-valid bodies by design,
-  for reasons JSON Schema can't state (a CIDR block that doesn't parse, a name with control
-  characters or only spaces, a rate of zero, a duration text over 100 years, a token TTL over
-  ``KEYGATE_TOKEN_MAX_TTL`` — configurable, so not in the document —, rotating a key that is
-  already revoked). A 400 on schema-valid input passes there only when it is ``invalid_request``
+- ``positive_data_acceptance`` is replaced, on ``POST /admin/keys``, ``PATCH /admin/keys/{id}``,
+  ``POST /admin/keys/{id}/rotate``, ``GET /admin/keys/{id}/usage`` and ``POST /tokens`` only, by a
+  narrower check: these refuse some schema-valid input by design, for reasons JSON Schema can't
+  state (a CIDR block that doesn't parse, a name with control characters or only spaces, a rate
+  of zero, a duration text over 100 years, a token TTL over ``KEYGATE_TOKEN_MAX_TTL`` —
+  configurable, so not in the document —, rotating a key that is already revoked, a usage range
+  that runs backwards or spans more than 2,400 buckets). A 400 on schema-valid input passes there only when it is ``invalid_request``
   naming one of those fields or states; any other refusal still fails.
 - ``use_after_free`` is off: ``DELETE /admin/keys/{id}`` revokes, and the key's metadata stays
   readable (the audit trail needs it); the document says so, and that repeating it answers 204.
@@ -89,6 +90,9 @@ SEMANTIC_REFUSALS = {
     "createKey": re.compile(r"(name|expires_in|rate_limit|allowed_ips)\b"),
     "rotateKey": re.compile(r"grace\b|key [0-9A-Za-z]{12} (is already revoked|has expired)"),
     "mintToken": re.compile(r"ttl\b"),
+    "updateKey": re.compile(r"(name|expires_in|rate_limit|allowed_ips)\b"),
+    # A date-time JSON Schema accepts that Python doesn't (a leap second), a range backwards or too long.
+    "getKeyUsage": re.compile(r"(from|to)\b|at most \d+ (hour|day)s"),
 }
 
 
