@@ -9,7 +9,7 @@ from flask import Response, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
-from keys.exc import KeygateError
+from keys.exc import InvalidRequest, KeygateError, MethodNotAllowed, NotFound
 
 from .. import problems
 from .headers import secure
@@ -31,10 +31,14 @@ def _describe(e: BaseException) -> tuple[int, str, str, str, dict[str, str]]:
         return e.status, e.code, e.title, e.detail, e.headers()
     if isinstance(e, HTTPException):
         headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else {}  # type: ignore[attr-defined]
-        code = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}.get(
-            e.code or 500, (e.name or "error").lower().replace(" ", "_"))
-        detail = f"nothing at {request.path}" if e.code == 404 else (e.description or e.name)
-        return e.code or 500, code, e.name, detail, headers
+        known: KeygateError | None = {
+            404: lambda: NotFound(f"nothing at {request.path}"),
+            405: lambda: MethodNotAllowed(f"{request.method} is not allowed on {request.path}"),
+            400: lambda: InvalidRequest(e.description or "malformed request"),
+        }.get(e.code or 500, lambda: None)()
+        if known is not None:
+            return known.status, known.code, known.title, known.detail, headers
+        return e.code or 500, (e.name or "error").lower().replace(" ", "_"), e.name, e.description or e.name, headers
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=e)
     return 500, "internal_error", "Internal error", "The server failed; it has been logged.", {}
 
