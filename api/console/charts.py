@@ -44,15 +44,18 @@ def _local(tag: Any) -> str:
 
 def bucket_label(start: float, interval: str) -> str:
     when = datetime.fromtimestamp(start, timezone.utc)
-    return when.strftime("%m-%d %H:00") if interval == "hour" else when.strftime("%Y-%m-%d")
+    return when.strftime("%Y-%m-%d %H:00") if interval == "hour" else when.strftime("%Y-%m-%d")
 
 
 def usage_chart(buckets: Sequence[UsageBucket], interval: str, title: str) -> Markup:
     """A stacked bar per bucket (accepted, refused by limit, refused by scope) as inline SVG."""
-    labels = [bucket_label(b.start, interval) for b in buckets]
+    labels = [bucket_label(b.start, interval)[5:] for b in buckets]  # the year would crowd the axis
     chart = pygal.StackedBar(**_config(title=title, x_labels_major_every=max(1, len(buckets) // 8),
                                        y_title="requests", x_title=f"{interval} starting (UTC)"))
     chart.x_labels = labels
+    tallest = max((b.accepted + b.refused_limit + b.refused_scope for b in buckets), default=0)
+    if tallest <= 10:  # whole requests: no 0.2-request grid lines on a quiet key
+        chart.y_labels = list(range(0, max(tallest, 1) + 1))
     for field, name in SERIES:
         chart.add(name, [getattr(b, field) for b in buckets])
     root = chart.render_tree()
@@ -92,7 +95,8 @@ def _title_bars(root: Any, labels: Sequence[str]) -> None:
 def chart_css() -> str:
     """The stylesheet every chart shares (pygal's own CSS for ``_STYLE``, unprefixed)."""
     chart = pygal.StackedBar(**_config())
-    chart.add("x", [1])
+    for _field, name in SERIES:  # pygal writes a colour rule per series it draws
+        chart.add(name, [1])
     root = chart.render_tree()
     styles = [el.text or "" for el in root.iter() if _local(el.tag) == "style"]
     return "\n".join(styles)

@@ -13,7 +13,7 @@ from keys.history import usage_series
 from keys.model import KeyRecord, key_state
 from keys.parse import parse_duration
 
-from .charts import usage_chart
+from .charts import bucket_label, usage_chart
 from .guard import console
 
 #: How far back a chart reaches, per interval.
@@ -39,7 +39,7 @@ def usage(key: KeyRecord) -> dict[str, Any]:
     now = time.time()
     buckets = usage_series(console().auth.store, key.id, now - SPANS[interval] + 1, now, interval)
     title = "Requests per hour, last 24 hours" if interval == "hour" else "Requests per day, last 30 days"
-    return {"interval": interval, "buckets": buckets, "title": title,
+    return {"interval": interval, "buckets": buckets, "title": title, "label": bucket_label,
             "chart": usage_chart(buckets, interval, title),
             "totals": {name: sum(getattr(b, name) for b in buckets)
                        for name in ("accepted", "refused_limit", "refused_scope")}}
