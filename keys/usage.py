@@ -36,8 +36,8 @@ class UsageRecorder:
         self.interval = interval
         #: Seconds hourly counts are kept; ``None`` keeps them forever.
         self.retention = retention
-        # key_id -> [last_used_at, count, hour, accepted in that hour]: a request that stays in
-        # its key's hour costs one more increment, not a second dict.
+        # key_id -> [last_used_at, count, hour start, hour end, accepted in that hour]: a request
+        # that stays in its key's hour costs one more increment, not a second dict.
         self._usage: dict[str, list[float]] = {}
         self._hourly: dict[tuple[str, int], list[int]] = {}  # (key_id, hour start) -> counts
         self._failures: Counter[str] = Counter()
@@ -52,26 +52,27 @@ class UsageRecorder:
     def hit(self, key_id: str, now: float | None = None) -> None:
         """One accepted request of ``key_id``."""
         now = time.time() if now is None else now
-        hour = int(now // HOUR)
         with self._lock:
             entry = self._usage.get(key_id)
             if entry is None:
-                self._usage[key_id] = [now, 1, hour, 1]
+                start = now // HOUR * HOUR
+                self._usage[key_id] = [now, 1, start, start + HOUR, 1]
             else:
                 entry[0] = now
                 entry[1] += 1
-                if entry[2] == hour:
-                    entry[3] += 1
+                if entry[2] <= now < entry[3]:  # two comparisons: cheaper than working out the hour
+                    entry[4] += 1
                 else:
-                    self._roll(key_id, entry, hour)
+                    self._roll(key_id, entry, now)
         if self._thread is None:
             self._start_thread()
 
-    def _roll(self, key_id: str, entry: list[float], hour: int) -> None:
-        """Move an entry's count for its hour into ``_hourly``; it counts ``hour`` from now on."""
-        if entry[3]:
-            self._hourly.setdefault((key_id, int(entry[2]) * HOUR), [0, 0, 0])[_ACCEPTED] += int(entry[3])
-        entry[2], entry[3] = hour, 1
+    def _roll(self, key_id: str, entry: list[float], now: float) -> None:
+        """Move an entry's count for its hour into ``_hourly``; it counts ``now``'s hour from now on."""
+        if entry[4]:
+            self._hourly.setdefault((key_id, int(entry[2])), [0, 0, 0])[_ACCEPTED] += int(entry[4])
+        start = now // HOUR * HOUR
+        entry[2], entry[3], entry[4] = start, start + HOUR, 1
 
     def limited(self, key_id: str, now: float | None = None) -> None:
         """A request of ``key_id`` refused by its rate limit."""
@@ -110,8 +111,8 @@ class UsageRecorder:
             hourly, self._hourly = self._hourly, {}
             failures, self._failures = self._failures, Counter()
         for key_id, entry in usage.items():
-            if entry[3]:
-                hourly.setdefault((key_id, int(entry[2]) * HOUR), [0, 0, 0])[_ACCEPTED] += int(entry[3])
+            if entry[4]:
+                hourly.setdefault((key_id, int(entry[2])), [0, 0, 0])[_ACCEPTED] += int(entry[4])
         try:
             if usage or hourly:
                 self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items() if v[1]},
@@ -125,7 +126,7 @@ class UsageRecorder:
             with self._lock:  # merge back so nothing is lost to a brief outage
                 for k, entry in usage.items():
                     # Its hour's count now sits in ``hourly``: the entry keeps the rest.
-                    mine = self._usage.setdefault(k, [entry[0], 0, -1, 0])
+                    mine = self._usage.setdefault(k, [entry[0], 0, 0.0, 0.0, 0])
                     mine[0] = max(mine[0], entry[0])
                     mine[1] += entry[1]
                 for bucket, counts in hourly.items():

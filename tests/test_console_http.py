@@ -512,3 +512,9 @@ def test_a_chart_and_a_table_of_real_usage(console, admin, store, app, client):
     assert re.search(r'<td class="num">4</td>\s*<td class="num">2</td><td class="num">1</td>', table.replace("\n", ""))
     day = console.get(f"/dashboard/keys/{key.record.id}?interval=day").get_data(as_text=True)
     assert "Requests per day" in day
+
+
+def test_a_huge_form_is_413_and_reads_nothing(console, store):
+    resp = console.post("/login", {"api_key": "x" * 200_000})
+    assert resp.status_code == 413 and resp.mimetype == "text/html"
+    assert not [e for e in store.events() if e.event.startswith("console_login")]

@@ -188,3 +188,19 @@ def test_a_revoked_key_cannot_be_edited_from_the_cli(env, cli_store):
     key = issue_key(cli_store, name="svc", scopes=["data:read"]).record
     cli_store.revoke(key.id, time.time())
     assert_one_line_failure(run_cli(env, "update-key", key.id, "--name", "x"), names="revoked")
+
+
+def test_hits_are_counted_in_their_own_hour_across_a_boundary(store):
+    key = issue_key(store, name="c", scopes=["data:read"]).record.id
+    usage = UsageRecorder(store, interval=3600)
+    h0 = 1_800_000_000 // HOUR * HOUR
+    for at in (h0 + 3599.9, h0 + 3600.0, h0 + 3600.5, h0 + 10.0, h0 + 7300.0):  # one late thread's older time
+        usage.hit(key, now=at)
+    usage.limited(key, now=h0 + 3600.2)
+    usage.failure("insufficient_scope", key, now=h0 + 1.0)
+    usage.failure("invalid_credentials", now=h0 + 1.0)  # no key: counted per code only
+    usage.flush()
+    assert [tuple(u) for u in store.usage(key, 0, 2 ** 40)] == [
+        (h0, 2, 0, 1), (h0 + HOUR, 2, 1, 0), (h0 + 2 * HOUR, 1, 0, 0)]
+    assert store.get(key).use_count == 5
+    usage.close()

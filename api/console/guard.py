@@ -21,6 +21,7 @@ from keys.sessions import Sessions
 from keys.tokens import TokenSigner
 from keys.usage import UsageRecorder
 
+from ..bodies import MAX_BODY
 from ..ratelimits import RateLimits
 from ..scopes import ADMIN, SCOPES
 from .session import ConsoleSession
@@ -80,6 +81,9 @@ def load_session() -> ResponseReturnValue | None:
     past its grace ends it), apply the key's allow-list, then check a form's CSRF token."""
     if not isinstance(session, ConsoleSession):
         return None  # the stylesheet and script
+    # A form is a few hundred bytes: one bigger than the API's body limit is refused (413)
+    # before werkzeug reads it, for this request only (the app-wide setting is the API's).
+    request.max_content_length = MAX_BODY
     s = current_session()
     if s.reference is not None:
         try:
