@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
+from .exc import AuthenticationError
 from .model import KeyRecord, SessionRecord
 from .store.base import KeyStore
 from .verify import KeyLookup, check_ip, check_live
@@ -89,7 +90,7 @@ class Sessions:
             return None
         try:
             check_live(record, now)
-        except Exception:
+        except AuthenticationError:
             self.store.delete_session(session.id_hash)
             raise
         if record.allowed_ips:

@@ -102,12 +102,17 @@ def test_sign_in_then_out(console, admin, store):
 
 
 def test_the_cookie_holds_a_signed_reference_and_the_store_only_its_hash(console, admin, store):
+    import hashlib
+
+    from itsdangerous import URLSafeSerializer
+
     console.sign_in(admin.plaintext)
     value = console.session_cookie()
     assert value and admin.plaintext not in value and admin.record.id not in value and "admin" not in value
-    [session] = [s for s in store._sessions.values()] if hasattr(store, "_sessions") else [None]
-    if session is not None:
-        assert value.split(".")[0] not in session.id_hash
+    [session] = _sessions(store, admin.record.id)
+    session_id = URLSafeSerializer(["x"]).load_payload(value.rsplit(".", 1)[0].encode())  # unsigned read
+    assert session.id_hash == hashlib.sha256(session_id.encode()).hexdigest()
+    assert session_id not in repr(session)
 
 
 def test_a_cookie_copied_before_logout_is_refused_after_it(console, client, admin, app):
@@ -518,3 +523,26 @@ def test_a_huge_form_is_413_and_reads_nothing(console, store):
     resp = console.post("/login", {"api_key": "x" * 200_000})
     assert resp.status_code == 413 and resp.mimetype == "text/html"
     assert not [e for e in store.events() if e.event.startswith("console_login")]
+
+
+def test_sign_in_goes_through_keyauth_so_its_failure_hooks_and_throttles_apply(console, app, admin, store,
+                                                                                monkeypatch):
+    """The per-address throttle of refused credentials lives in KeyAuth's request path (its
+    failure hooks, and a refusal before the key is checked): sign-in takes that path."""
+    auth = app.extensions["keygate"].auth
+    seen: list[str] = []
+    auth.on_failure(lambda e: seen.append(e.code))
+    console.sign_in("kg_nope")
+    assert seen == ["invalid_credentials"]
+
+    from keys.exc import RateLimited
+
+    def throttled(*_: Any, **__: Any) -> None:
+        raise RateLimited("too many refused credentials from this address", retry_after=30)
+
+    monkeypatch.setattr(auth, "_authenticate", throttled)
+    resp = console.sign_in(admin.plaintext)
+    assert resp.status_code == 429 and resp.headers["Retry-After"] == "30"
+    assert "too many refused credentials" in resp.get_data(as_text=True)
+    assert console.session_cookie() is None
+    assert len([e for e in store.events() if e.event == "console_login_refused"]) == 1  # the throttled one: not

@@ -10,9 +10,11 @@ console's ``before_request`` (``guard.load_session``), where a refusal can be an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Request, Response
+from flask import request as current_request
 from flask.sessions import SessionInterface, SessionMixin
 from itsdangerous import BadSignature, URLSafeSerializer
 from werkzeug.datastructures import CallbackDict
@@ -78,7 +80,7 @@ class ConsoleSession(CallbackDict[str, Any], SessionMixin):
 class ConsoleSessionInterface(SessionInterface):
     """Sessions on console paths only; ``render_error`` answers the console's errors."""
 
-    def __init__(self, secret_keys: tuple[str, ...], render_error: Any) -> None:
+    def __init__(self, secret_keys: tuple[str, ...], render_error: Callable[[BaseException], Response]) -> None:
         self._presession = URLSafeSerializer(list(reversed(secret_keys)), salt=PRESESSION_SALT)
         self._render_error = render_error
 
@@ -106,9 +108,7 @@ class ConsoleSessionInterface(SessionInterface):
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, ConsoleSession):
             return
-        from flask import request
-
-        secure = request.is_secure
+        secure = current_request.is_secure
         flags: dict[str, Any] = {"httponly": True, "samesite": "Lax", "secure": secure, "path": "/"}
         response.vary.add("Cookie")
         if session.reference_changed:

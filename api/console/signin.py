@@ -35,8 +35,9 @@ def login() -> ResponseReturnValue:
         # and the sign-in counts against the key's rate limit.
         who = console().auth.authenticate(None, accept=("header",), presented=value)
     except KeygateError as e:
-        claimed = _claimed_id(value)
-        audit("console_login_refused", claimed, {"code": e.code}, who=f"console:{claimed}")
+        if e.status != 429:  # a throttled attempt checked no credential: counted, not audited
+            claimed = _claimed_id(value)
+            audit("console_login_refused", claimed, {"code": e.code}, who=f"console:{claimed}")
         if prefers_json():
             raise
         return render_template("console/login.html", error=e), e.status, e.headers()
