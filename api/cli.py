@@ -378,6 +378,6 @@ def serve(host: str | None, port: int | None, workers: int | None, certfile: str
     scheme = "https" if where.certfile else "http"
     shown = f"[{where.host}]" if ":" in where.host else where.host
     click.echo(f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
-               f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)", err=True)
+               f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs, the console at /login)", err=True)
     run(ServeOptions(host=where.host, port=where.port, workers=where.workers,
                      certfile=where.certfile, keyfile=where.keyfile))
