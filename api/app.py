@@ -211,13 +211,15 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
         lookup.on_reached = lambda: backends.ok(STORE)
     auth = KeyAuth(app, store=store, sources=[HeaderKey(), QueryToken(signer, key_in_url_detail=KEY_IN_URL_DETAIL)],
                    lookup=lookup, scopes=SCOPES, realm=REALM)
-    usage = UsageRecorder(store)
+    usage = UsageRecorder(store, retention=settings.usage_retention)
     usage.on_flush = _flush_reporter(metrics, backends)
-    auth.on_failure(lambda e: usage.failure(e.code))
+    # A key refused for a scope it lacks is counted in its hourly usage too (it carries its id).
+    auth.on_failure(lambda e: usage.failure(e.code, getattr(e, "key_id", None)))
     auth.on_failure(_refusal_counter(metrics))
     app.extensions["keygate.usage"] = usage
     limiter = open_configured_limiter(settings)
-    RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open, backends)
+    limits = RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open,
+                        backends)
     app.extensions["keygate.signer"] = signer
     retention = AuditRetention(store, settings.audit_retention)
     retention.start()
@@ -254,4 +256,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
 
     openapi.register(app, token_max_ttl=settings.token_max_ttl)  # GET /openapi.json
     register_problem_handlers(app)
+    # The console: pages for people, signed in with a key, beside the API (api/console/).
+    from .console import init_console
+
+    init_console(app, auth, signer, limits, usage, settings.secret_keys)
     return app

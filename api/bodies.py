@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import request
@@ -90,3 +91,24 @@ def int_arg(name: str, default: int, low: int, high: int) -> int:
     if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}", field=name)
     return int(raw)
+
+
+def time_arg(name: str, default: float) -> float:
+    """An ISO 8601 time (``2026-05-01T13:00:00Z``) or date (``2026-05-01``), UTC unless it
+    says otherwise, as epoch seconds; ``default`` when the argument is absent."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        if len(raw) > 40:
+            raise ValueError
+        when = datetime.fromisoformat(raw.replace("z", "Z"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an ISO 8601 time like 2026-05-01T13:00:00Z or a date",
+                             field=name) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        return when.timestamp()
+    except (OverflowError, OSError, ValueError):
+        raise InvalidRequest(f"{name} is out of range", field=name) from None

@@ -26,7 +26,8 @@ from keys import (
     revoke_key,
 )
 from keys.exc import InvalidRequest, StoreUnavailable
-from keys.issuing import cli_actor, not_a_key_id, rotate_key
+from keys.history import usage_series
+from keys.issuing import cli_actor, not_a_key_id, rotate_key, update_key
 from keys.keyformat import PREFIX
 from keys.model import isoformat
 from keys.parse import format_duration, parse_duration
@@ -322,6 +323,73 @@ def rotate_key_cmd(key_id: str, grace: int | None, as_json: bool) -> None:
     _print_secret(issued.plaintext)
 
 
+@cli.command("update-key")
+@click.argument("key_id")
+@click.option("--name", help="A new label.")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES),
+              help="The key's scopes from now on (replacing them all); repeat for several.")
+@click.option("--rate-limit", help="A new limit, e.g. 100/minute.")
+@click.option("--default-rate-limit", is_flag=True, help="Use KEYGATE_DEFAULT_RATE_LIMIT from now on.")
+@click.option("--allow-ip", "allowed_ips", multiple=True, metavar="CIDR",
+              help="The key's allow-list from now on (replacing it); repeat for several.")
+@click.option("--any-ip", is_flag=True, help="Drop the allow-list: any address.")
+@click.option("--expires-in", callback=_duration("--expires-in"), help="A new lifetime from now, e.g. 90d.")
+@click.option("--no-expiry", is_flag=True, help="The key never expires.")
+@json_option
+def update_key_cmd(key_id: str, name: str | None, scopes: Sequence[str], rate_limit: str | None,
+                   default_rate_limit: bool, allowed_ips: Sequence[str], any_ip: bool, expires_in: int | None,
+                   no_expiry: bool, as_json: bool) -> None:
+    """Edit a key in place, without rotating it. Other workers see the change within a second."""
+    for given, cleared, names in ((rate_limit, default_rate_limit, "--rate-limit and --default-rate-limit"),
+                                  (allowed_ips, any_ip, "--allow-ip and --any-ip"),
+                                  (expires_in, no_expiry, "--expires-in and --no-expiry")):
+        if given and cleared:
+            raise click.UsageError(f"give one of {names}")
+    edits: dict[str, Any] = {}
+    if name is not None:
+        edits["name"] = name
+    if scopes:
+        edits["scopes"] = list(scopes)
+    if rate_limit is not None or default_rate_limit:
+        edits["rate_limit"] = rate_limit
+    if allowed_ips or any_ip:
+        edits["allowed_ips"] = list(allowed_ips)
+    if expires_in is not None or no_expiry:
+        edits["expires_in"] = expires_in
+    if not edits:
+        raise click.UsageError("nothing to change: give at least one option (see --help)")
+    record = update_key(_store(), key_id, edits, vocabulary=SCOPES)
+    if as_json:
+        _emit_json(record.metadata())
+    else:
+        click.echo(_describe(record))
+
+
+@cli.command()
+@click.argument("key_id")
+@click.option("--since", callback=_duration("--since"), default="7d", show_default=True,
+              help="How far back, e.g. 24h or 30d.")
+@json_option
+def usage(key_id: str, since: int, as_json: bool) -> None:
+    """A key's requests per hour: accepted, refused by its rate limit, refused for a scope."""
+    store = _store()
+    get_key(store, key_id)
+    now = time.time()
+    try:
+        buckets = usage_series(store, key_id, now - since + 1, now, "hour")
+    except InvalidRequest:
+        raise InvalidRequest(f"--since: at most 100 days of hours ({since // 86400} days asked)") from None
+    if as_json:
+        _emit_json({"key_id": key_id, "interval": "hour", "buckets": [b.as_dict() for b in buckets]})
+        return
+    click.echo(f"{'HOUR (UTC)':<20}  {'ACCEPTED':>9}  {'LIMITED':>8}  {'SCOPE':>6}")
+    for b in buckets:
+        if b.accepted or b.refused_limit or b.refused_scope:
+            click.echo(f"{b.as_dict()['start']:<20}  {b.accepted:>9}  {b.refused_limit:>8}  {b.refused_scope:>6}")
+    totals = [sum(getattr(b, f) for b in buckets) for f in ("accepted", "refused_limit", "refused_scope")]
+    click.echo(f"{'total':<20}  {totals[0]:>9}  {totals[1]:>8}  {totals[2]:>6}")
+
+
 @cli.command("mint-token")
 @click.argument("key_id")
 @click.option("--scope", "scopes", multiple=True, type=click.Choice(ALL_SCOPES),
@@ -473,7 +541,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     scheme = "https" if where.certfile else "http"
     shown = f"[{where.host}]" if ":" in where.host else where.host
     notice = (f"keygate serving on {scheme}://{shown}:{where.port} with {where.workers} "
-              f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs)")
+              f"worker{'s' if where.workers != 1 else ''} (Swagger UI at /docs, the console at /login)")
     if settings.log_format == "json":
         from .logformat import json_line
 

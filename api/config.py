@@ -60,6 +60,7 @@ class Settings:
     audit_retention: int = 90 * 86400
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
+    usage_retention: int = 90 * 86400
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -238,11 +239,13 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         default_rate = str(parse_rate_limit(default_rate, "KEYGATE_DEFAULT_RATE_LIMIT"))
         max_ttl = parse_duration(get("TOKEN_MAX_TTL") or "24h", "KEYGATE_TOKEN_MAX_TTL")
         audit_retention = parse_duration(get("AUDIT_RETENTION") or "90d", "KEYGATE_AUDIT_RETENTION")
+        usage_retention = parse_duration(get("USAGE_RETENTION") or "90d", "KEYGATE_USAGE_RETENTION")
     except InvalidRequest as e:
         raise ConfigError(e.detail) from None
-    if audit_retention < MIN_RETENTION:  # "90" is seconds: meant as days, it would delete the trail
-        raise ConfigError(f"KEYGATE_AUDIT_RETENTION must be at least 1d (it is {format_duration(audit_retention)}); "
-                          "write days with a d, as in 90d")
+    for name, kept in (("KEYGATE_AUDIT_RETENTION", audit_retention), ("KEYGATE_USAGE_RETENTION", usage_retention)):
+        if kept < MIN_RETENTION:  # "90" is seconds: meant as days, it would delete the history
+            raise ConfigError(f"{name} must be at least 1d (it is {format_duration(kept)}); "
+                              "write days with a d, as in 90d")
 
     proxies_raw = str(get("TRUSTED_PROXIES") or "0")
     if not proxies_raw.isdigit() or int(proxies_raw) > 10:
@@ -274,4 +277,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         audit_retention=audit_retention,
         cors_origins=_cors_origins(get("CORS_ORIGINS")),
         log_format=log_format,
+        usage_retention=usage_retention,
     )

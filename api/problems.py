@@ -28,6 +28,9 @@ from .instrument import REQUEST_ID_KEY
 
 # Stable, non-dereferenceable type URIs (RFC 9457 §3.1.1 suggests tag: URIs for these).
 PROBLEM_TYPE_BASE = "tag:keygate,2026:problem/"
+#: Where a part of the app that answers errors its own way (the console's HTML pages) puts
+#: its renderer, ``render(error) -> Response``, in the WSGI environ of its requests.
+ERROR_RENDERER_ENVIRON_KEY = "keygate.error_renderer"
 log = logging.getLogger("keygate.api")
 
 _HTTP_CODES = {
@@ -73,6 +76,9 @@ def _from_http_exception(e: HTTPException) -> KeygateError | None:
 
 def problem_response(e: BaseException) -> Response:
     """The problem+json response for any exception raised while serving."""
+    render = request.environ.pop(ERROR_RENDERER_ENVIRON_KEY, None)
+    if render is not None:  # popped: the renderer may answer with this function in turn
+        return render(e)
     extra: dict[str, str] = {}
     if isinstance(e, HTTPException):
         if getattr(e, "valid_methods", None):

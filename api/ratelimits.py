@@ -47,6 +47,11 @@ class RateLimits:
         text = principal.record.rate_limit
         return self.default if text is None else self._parse(text)
 
+    def charge(self, principal: Principal) -> None:
+        """Count one request of ``principal``'s key against its limit (``RateLimited`` when it
+        is spent): what every API request does, for a console action that changes state."""
+        self._on_request(principal)
+
     def _on_request(self, principal: Principal) -> None:
         try:
             state = self.limiter.hit(principal.key_id, self.limit_for(principal))
@@ -62,6 +67,7 @@ class RateLimits:
             self.backends.ok("rate_limiter")
         request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
+            self.usage.limited(principal.key_id)
             raise RateLimited(
                 f"this key allows {state.limit}; retry in {state.retry_after} s",
                 retry_after=state.retry_after,

@@ -235,16 +235,21 @@ class KeyAuth:
             raise ValueError(f"no credential source of kind {', '.join(map(repr, unknown))}")
         return accepted
 
-    def authenticate(self, scope: str | None, accept: Iterable[str] | None = None) -> Principal:
+    def authenticate(self, scope: str | None, accept: Iterable[str] | None = None, *,
+                     presented: str | None = None) -> Principal:
         """Authenticate and authorise the current request for ``scope`` via the sources of
-        kinds ``accept`` (default: those accepted by default); raise a ``KeygateError``."""
-        return self._authorise(scope, self._accepted(accept))
+        kinds ``accept`` (default: those accepted by default); raise a ``KeygateError``.
 
-    def _authorise(self, scope: str | None, accept: tuple[str, ...]) -> Principal:
+        ``presented`` is a credential the app received some other way (a sign-in form):
+        it is checked as if it had come through the first accepted source, with every
+        hook, allow-list and refusal of a request that carried it there."""
+        return self._authorise(scope, self._accepted(accept), presented)
+
+    def _authorise(self, scope: str | None, accept: tuple[str, ...], presented: str | None = None) -> Principal:
         state = self.state()
         req: Request = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
         try:
-            principal = self._authenticate(state, req, scope, accept)
+            principal = self._authenticate(state, req, scope, accept, presented)
             for hook in self._after_auth:
                 hook(principal)
         except KeygateError as e:
@@ -258,8 +263,10 @@ class KeyAuth:
         return principal
 
     def _authenticate(self, state: KeyAuthState, req: Request, scope: str | None,
-                      accept: tuple[str, ...]) -> Principal:
+                      accept: tuple[str, ...], presented: str | None = None) -> Principal:
         found = [(src, value) for src in self.sources if (value := src.extract(req)) is not None]
+        if presented is not None:
+            found.insert(0, (next(s for s in self.sources if s.kind == accept[0]), presented))
         if not found:
             wanted = " or ".join(s.description for s in self.sources if s.kind in accept)
             stray = self._misplaced_key(req)
@@ -287,7 +294,9 @@ class KeyAuth:
             raise InsufficientScope(f"{source.description} can't open this resource{needs} via {via}",
                                     scope=scope)
         if scope is not None and not state.scopes.grants(principal.scopes, scope):
-            raise InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
+            refusal = InsufficientScope(f"this resource requires the {scope!r} scope", scope=scope)
+            refusal.key_id = principal.key_id
+            raise refusal
         return principal
 
     def _misplaced_key(self, req: Request) -> str | None:

@@ -135,6 +135,9 @@ class InsufficientScope(AccessDenied):
     code = "insufficient_scope"
     title = "Insufficient scope"
 
+    #: The verified key that lacked the scope (``KeyAuth`` sets it), for per-key usage counts.
+    key_id: str | None = None
+
     def __init__(self, detail: str | None = None, scope: str | None = None) -> None:
         self.scope = scope
         super().__init__(detail)

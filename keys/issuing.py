@@ -1,4 +1,4 @@
-"""The key lifecycle shared by the CLI and the admin API: issue, revoke, rotate.
+"""The key lifecycle shared by the CLI, the admin API and the console: issue, edit, revoke, rotate.
 
 Each change is written together with its audit event, in one transaction.
 """
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import getpass
 import time
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
-from .exc import Conflict, InvalidCredentials, NotFound
+from .exc import Conflict, InvalidCredentials, InvalidRequest, NotFound
 from .keyformat import ID_LENGTH, PREFIX, generate_key, hash_key, is_key_id, looks_like_key
-from .model import AuditEvent, KeyRecord
+from .model import AuditEvent, KeyRecord, isoformat
 from .parse import parse_name, parse_networks, parse_rate_limit
 from .scopes import ANY_SCOPE, Scopes
 from .store.base import KeyStore
@@ -92,6 +92,69 @@ def get_key(store: KeyStore, key_id: str) -> KeyRecord:
     record = store.get(key_id)
     if record is None:
         raise NotFound(f"no key with id {key_id!r}")
+    return record
+
+
+#: What ``update_key`` may change; ``None`` means: no expiry, the default limit, anywhere.
+EDITABLE = ("name", "scopes", "rate_limit", "allowed_ips", "expires_in")
+
+
+def _edited(old: KeyRecord, edits: Mapping[str, Any], now: float, vocabulary: Scopes) -> dict[str, Any]:
+    """The ``KeyRecord`` fields ``edits`` set, validated as ``issue_key`` validates them."""
+    for name in sorted(set(edits) - set(EDITABLE)):
+        raise InvalidRequest(f"unknown field {name[:40]!r}; editable: {', '.join(EDITABLE)}", field=name[:40])
+    fields: dict[str, Any] = {}
+    if "name" in edits:
+        fields["name"] = parse_name(edits["name"])
+    if "scopes" in edits:
+        if edits["scopes"] is None:
+            raise InvalidRequest("scopes: at least one scope is required", field="scopes")
+        fields["scopes"] = vocabulary.parse(edits["scopes"])
+    if "rate_limit" in edits:
+        rate = edits["rate_limit"]
+        fields["rate_limit"] = None if rate is None else str(parse_rate_limit(rate))
+    if "allowed_ips" in edits:
+        networks = edits["allowed_ips"]
+        if isinstance(networks, (str, bytes)):
+            raise InvalidRequest("allowed_ips must be a list of CIDR blocks", field="allowed_ips")
+        fields["allowed_ips"] = parse_networks(networks or ())
+    if "expires_in" in edits:
+        expires_in = edits["expires_in"]
+        if expires_in is not None and (isinstance(expires_in, bool) or not isinstance(expires_in, int)
+                                       or expires_in <= 0):
+            raise InvalidRequest("expires_in must be a positive whole number of seconds", field="expires_in")
+        fields["expires_at"] = None if expires_in is None else now + expires_in
+    return {name: value for name, value in fields.items() if getattr(old, name) != value}
+
+
+def _shown(name: str, value: Any) -> Any:
+    if name == "expires_at":
+        return isoformat(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def update_key(store: KeyStore, key_id: str, edits: Mapping[str, Any], *, actor: str | None = None,
+               now: float | None = None, vocabulary: Scopes = ANY_SCOPE) -> KeyRecord:
+    """Edit a key in place, without rotating it: any of ``EDITABLE`` (``expires_in`` in
+    seconds from now). Validated as ``issue_key`` validates; a revoked key (or one in a
+    rotation's grace) is a ``Conflict``. Audited as ``update`` with each changed field's old
+    and new value; scopes narrowed also kill the key's query tokens (they may hold what the
+    key no longer does). Nothing changed, nothing written."""
+    now = time.time() if now is None else now
+    old = get_key(store, key_id)
+    fields = _edited(old, edits, now, vocabulary)
+    if old.revoked_at is not None:
+        raise Conflict(f"key {key_id} is revoked or rotated; it can't be edited"
+                       + (" (edit its replacement)" if old.revoked_at > now else ""))
+    if not fields:
+        return old
+    narrowed = "scopes" in fields and not all(vocabulary.grants(fields["scopes"], s) for s in old.scopes)
+    changed = {name: {"from": _shown(name, getattr(old, name)), "to": _shown(name, value)}
+               for name, value in fields.items()}
+    event = AuditEvent("update", key_id, actor or cli_actor(), now, {"changed": changed})
+    record = store.update(key_id, fields, event, bump_generation=narrowed)
+    if record is None:  # revoked (or deleted) between the read and the write
+        raise Conflict(f"key {key_id} is revoked or rotated; it can't be edited")
     return record
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
 
@@ -122,3 +122,50 @@ class AuditEvent:
             "actor": self.actor,
             "detail": self.detail,
         }
+
+
+#: Every value ``KeyRecord.state`` returns, in the order a person reads them.
+KEY_STATES = ("active", "grace", "revoked", "expired")
+
+
+class KeyFilter(NamedTuple):
+    """Which keys a listing shows: a name containing ``name`` (ASCII letters in any case), holding ``scope``
+    (literally), in ``state`` at ``now``. ``None`` matches everything."""
+
+    name: str | None = None
+    scope: str | None = None
+    state: str | None = None
+    now: float = 0.0
+
+    def matches(self, record: KeyRecord) -> bool:
+        return ((self.name is None or self.name.lower() in record.name.lower())
+                and (self.scope is None or self.scope in record.scopes)
+                and (self.state is None or record.state(self.now) == self.state))
+
+
+class UsageBucket(NamedTuple):
+    """One key's requests in one period starting at ``start`` (epoch seconds, UTC):
+    accepted, refused by its rate limit, refused for a scope it lacks."""
+
+    start: float
+    accepted: int = 0
+    refused_limit: int = 0
+    refused_scope: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": isoformat(self.start), "accepted": self.accepted,
+                "refused_limit": self.refused_limit, "refused_scope": self.refused_scope}
+
+
+class SessionRecord(NamedTuple):
+    """A signed-in console session as the store keeps it: who, since when, last seen.
+
+    ``id_hash`` is the SHA-256 of the session id the browser holds, so the store alone
+    can't resume anybody's session. No key, no scopes: the key is looked up on every use.
+    """
+
+    id_hash: str
+    key_id: str
+    created_at: float
+    last_seen_at: float
+    csrf_secret: str

@@ -4,6 +4,11 @@ A request only touches a dict under an uncontended lock (well under a
 microsecond); a daemon thread flushes the batch to the store every
 ``interval`` seconds, and ``flush()`` runs once more on clean shutdown. A crash
 loses at most one interval's counts, never a key or an audit event.
+
+Besides each key's ``use_count`` and ``last_used_at``, a flush adds per-key counts
+by hour (accepted, refused by the key's rate limit, refused for a scope it lacks)
+in the same transaction, and at most once an hour forgets hours older than
+``retention``.
 """
 
 from __future__ import annotations
@@ -20,37 +25,76 @@ from .store.base import KeyStore
 
 log = logging.getLogger("keygate.usage")
 
+HOUR = 3600
+_ACCEPTED, _LIMITED, _SCOPE = 0, 1, 2
+#: Seconds between two purges of old hourly counts by one process.
+PURGE_EVERY = 3600
+
 
 class UsageRecorder:
-    def __init__(self, store: KeyStore, interval: float = 5.0) -> None:
+    def __init__(self, store: KeyStore, interval: float = 5.0, retention: float | None = None) -> None:
         self.store = store
         self.interval = interval
-        self._usage: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
+        #: Seconds hourly counts are kept; ``None`` keeps them forever.
+        self.retention = retention
+        # key_id -> [last_used_at, count, hour start, hour end, accepted in that hour]: a request
+        # that stays in its key's hour costs one more increment, not a second dict.
+        self._usage: dict[str, list[float]] = {}
+        self._hourly: dict[tuple[str, int], list[int]] = {}  # (key_id, hour start) -> counts
         self._failures: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None  # the flusher, started by the first count
         self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
+        self._purged_at = -float("inf")
         self.flushes = 0  # store writes made, for tests and metrics
         #: Called after every flush that wrote something: ``(seconds it took, the error or None)``.
         self.on_flush: Callable[[float, BaseException | None], None] | None = None
         after_fork_in_child(self._after_fork)
 
     def hit(self, key_id: str, now: float | None = None) -> None:
+        """One accepted request of ``key_id``."""
         now = time.time() if now is None else now
         with self._lock:
             entry = self._usage.get(key_id)
             if entry is None:
-                self._usage[key_id] = [now, 1]
+                start = now // HOUR * HOUR
+                self._usage[key_id] = [now, 1, start, start + HOUR, 1]
             else:
                 entry[0] = now
                 entry[1] += 1
+                if entry[2] <= now < entry[3]:  # two comparisons: cheaper than working out the hour
+                    entry[4] += 1
+                else:
+                    self._roll(key_id, entry, now)
         if self._thread is None:
             self._start_thread()
 
-    def failure(self, code: str) -> None:
+    def _roll(self, key_id: str, entry: list[float], now: float) -> None:
+        """Move an entry's count for its hour into ``_hourly``; it counts ``now``'s hour from now on."""
+        if entry[4]:
+            self._hourly.setdefault((key_id, int(entry[2])), [0, 0, 0])[_ACCEPTED] += int(entry[4])
+        start = now // HOUR * HOUR
+        entry[2], entry[3], entry[4] = start, start + HOUR, 1
+
+    def limited(self, key_id: str, now: float | None = None) -> None:
+        """A request of ``key_id`` refused by its rate limit."""
+        self._refused(key_id, _LIMITED, now)
+
+    def failure(self, code: str, key_id: str | None = None, now: float | None = None) -> None:
+        """A refused request, counted per outcome code; ``key_id`` when a verified key was
+        refused for a scope it lacks (counted in that key's hour too)."""
         with self._lock:
             self._failures[code] += 1
+        if key_id is not None:
+            self._refused(key_id, _SCOPE, now)
+        elif self._thread is None:
+            self._start_thread()
+
+    def _refused(self, key_id: str, which: int, now: float | None) -> None:
+        now = time.time() if now is None else now
+        with self._lock:
+            self._hourly.setdefault((key_id, int(now // HOUR) * HOUR), [0, 0, 0])[which] += 1
         if self._thread is None:
             self._start_thread()
 
@@ -67,15 +111,21 @@ class UsageRecorder:
         """Write what has accumulated; on failure keep it for the next try."""
         with self._lock:
             usage, self._usage = self._usage, {}
+            hourly, self._hourly = self._hourly, {}
             failures, self._failures = self._failures, Counter()
-        if not usage and not failures:
+        for key_id, entry in usage.items():
+            if entry[4]:
+                hourly.setdefault((key_id, int(entry[2])), [0, 0, 0])[_ACCEPTED] += int(entry[4])
+        if not usage and not hourly and not failures:
+            self._purge()
             return
         started = time.perf_counter()
         try:
-            if usage:
-                self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items()})
+            if usage or hourly:
+                self.store.record_usage({k: (v[0], int(v[1])) for k, v in usage.items() if v[1]},
+                                        {bucket: (c[0], c[1], c[2]) for bucket, c in hourly.items()})
                 self.flushes += 1
-                usage = {}  # written: a failure below must not merge it back (and count it twice)
+                usage, hourly = {}, {}  # written: a failure below must not merge them back (twice)
             if failures:
                 self.store.add_auth_failures(failures)
                 self.flushes += 1
@@ -85,14 +135,30 @@ class UsageRecorder:
             else:
                 log.warning("could not write usage counters; will retry", exc_info=True)
             with self._lock:  # merge back so nothing is lost to a brief outage
-                for k, (at, n) in usage.items():
-                    entry = self._usage.setdefault(k, [at, 0])
-                    entry[0] = max(entry[0], at)
-                    entry[1] += n
+                for k, entry in usage.items():
+                    # Its hour's count now sits in ``hourly``: the entry keeps the rest.
+                    mine = self._usage.setdefault(k, [entry[0], 0, 0.0, 0.0, 0])
+                    mine[0] = max(mine[0], entry[0])
+                    mine[1] += entry[1]
+                for bucket, counts in hourly.items():
+                    row = self._hourly.setdefault(bucket, [0, 0, 0])
+                    for i, n in enumerate(counts):
+                        row[i] += n
                 self._failures.update(failures)
             return
         if self.on_flush is not None:
             self.on_flush(time.perf_counter() - started, None)
+        self._purge()
+
+    def _purge(self) -> None:
+        if self.retention is None or time.monotonic() - self._purged_at < PURGE_EVERY:
+            return
+        self._purged_at = time.monotonic()
+        try:
+            self.store.purge_usage(time.time() - self.retention)
+        except Exception:
+            log.warning("could not forget old hourly usage; will retry", exc_info=True)
+            self._purged_at = -float("inf")
 
     def _start_thread(self) -> None:
         with self._lock:
@@ -119,7 +185,7 @@ class UsageRecorder:
         # parent's pending counts (the parent writes those): start clean.
         self._lock = threading.Lock()
         self._thread = None
-        self._usage, self._failures = {}, Counter()
+        self._usage, self._hourly, self._failures = {}, {}, Counter()
 
     def close(self) -> None:
         """Stop the flusher and write what is left (clean shutdown). A later count starts

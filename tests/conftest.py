@@ -189,6 +189,7 @@ class Server:
 
     def __init__(self, env: dict[str, str], workers: int = 1, log_path: Path | None = None,
                  args: tuple[str, ...] = (), verify: str | None = None) -> None:
+        self.env = env
         self.port = free_port()
         self.verify: str | bool = verify or True
         self.url = f"{'https' if verify else 'http'}://127.0.0.1:{self.port}"

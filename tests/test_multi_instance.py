@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REDIS_URL, Server, invoke_cli, make_database_url, need_service
+from conftest import REDIS_URL, Server, invoke_cli, make_database_url, need_service, run_cli
 from private_redis import forget_prefix, test_prefix
 
 pytestmark = pytest.mark.slow
@@ -124,3 +124,86 @@ def test_a_token_minted_on_a_opens_data_on_b_until_revoked(cluster):
     assert b.get("/data", params={"token": token}).status_code == 200
     assert a.request("DELETE", f"/admin/keys/{key['id']}", headers={"API-Key": admin}).status_code == 204
     _refused_within(b, PROPAGATION_BOUND, "/data", "invalid_token", params={"token": token})
+
+
+# -- issue 14: edits and console sessions, across instances ----------------------------
+
+
+def _scope_refused_within(server: Server, bound: float, key: str) -> None:
+    """Like ``_refused_within``, for a key whose scopes were narrowed: 403 ``insufficient_scope``
+    on /secret from every worker of ``server`` once ``bound`` has passed."""
+    headers = {"API-Key": key, "Connection": "close"}
+    start = time.monotonic()
+    while time.monotonic() - start < bound:
+        assert requests.get(server.url + "/secret", headers=headers, timeout=5).status_code in (200, 403)
+        time.sleep(0.02)
+    for _ in range(10):
+        r = requests.get(server.url + "/secret", headers=headers, timeout=5)
+        assert r.status_code == 403 and r.json()["code"] == "insufficient_scope", r.text
+        assert requests.get(server.url + "/data", headers=headers, timeout=5).status_code == 200
+
+
+def _warm(server: Server, key: str) -> None:
+    for _ in range(6):  # both workers have the record cached
+        assert requests.get(server.url + "/secret", headers={"API-Key": key, "Connection": "close"},
+                            timeout=5).status_code == 200
+
+
+def console_session(server: Server, key: str) -> requests.Session:
+    """A signed-in console session on ``server`` (cookies kept), each request on a new connection."""
+    import re
+
+    s = requests.Session()
+    s.headers["Connection"] = "close"
+    page = s.get(server.url + "/login", timeout=5)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = s.post(server.url + "/login", data={"api_key": key, "csrf_token": csrf}, allow_redirects=False, timeout=5)
+    assert r.status_code == 303, r.text
+    return s
+
+
+def test_scopes_narrowed_on_a_by_patch_cli_or_console_are_refused_on_b(cluster):
+    import re
+
+    a, b, admin = cluster
+    # PATCH on A
+    key = _create(a, admin, scopes=["secret:read", "data:read"])
+    _warm(b, key["key"])
+    r = a.request("PATCH", f"/admin/keys/{key['id']}", headers={"API-Key": admin}, json={"scopes": ["data:read"]})
+    assert r.status_code == 200, r.text
+    _scope_refused_within(b, PROPAGATION_BOUND, key["key"])
+    # update-key from a command line (a third process on the same store)
+    key = _create(a, admin, scopes=["secret:read", "data:read"])
+    _warm(a, key["key"])
+    _warm(b, key["key"])
+    done = run_cli(a.env, "update-key", key["id"], "--scope", "data:read")
+    assert done.returncode == 0, done.stderr
+    _scope_refused_within(a, PROPAGATION_BOUND, key["key"])
+    _scope_refused_within(b, PROPAGATION_BOUND, key["key"])
+    # the console on A
+    key = _create(a, admin, scopes=["secret:read", "data:read"])
+    _warm(b, key["key"])
+    s = console_session(a, admin)
+    form = s.get(f"{a.url}/dashboard/keys/{key['id']}/edit", timeout=5).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    r = s.post(f"{a.url}/dashboard/keys/{key['id']}/edit", allow_redirects=False, timeout=5,
+               data={"csrf_token": csrf, "name": key["name"], "scope": "data:read"})
+    assert r.status_code == 303, r.text
+    _scope_refused_within(b, PROPAGATION_BOUND, key["key"])
+
+
+def test_a_console_session_on_b_ends_when_its_key_is_revoked_on_a(cluster):
+    a, b, admin = cluster
+    key = _create(a, admin, scopes=["data:read"])
+    s = console_session(b, key["key"])
+    for _ in range(4):
+        assert s.get(b.url + "/dashboard", allow_redirects=False, timeout=5).status_code == 200
+    assert a.request("DELETE", f"/admin/keys/{key['id']}", headers={"API-Key": admin}).status_code == 204
+    start = time.monotonic()
+    while time.monotonic() - start < PROPAGATION_BOUND:
+        assert s.get(b.url + "/dashboard", allow_redirects=False, timeout=5).status_code in (200, 303)
+        time.sleep(0.02)
+    r = s.get(b.url + "/dashboard", allow_redirects=False, timeout=5)
+    assert r.status_code == 303 and r.headers["Location"] == "/login"
+    # and a session on A, signed in before, ended too (it was deleted when refused, or is refused)
+    assert s.get(a.url + "/dashboard", allow_redirects=False, timeout=5).status_code == 303

@@ -37,6 +37,8 @@ SPEC_PATH = ROOT / "openapi.yaml"
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 #: Flask-RESTX's own machinery: its static files, its Swagger 2.0 document and its "/" stub.
 RESTX_INTERNALS = {"static", "restx_doc.static"}
+#: The console's HTML pages (api/console/): for people, not part of the API's document.
+CONSOLE = "console."
 #: Codes that exist in keys.exc but never reach an HTTP response.
 NOT_HTTP_CODES = {"config_error"}
 SCHEME_FOR_SOURCE = {"header": "apiKey", "token": "token"}
@@ -217,7 +219,7 @@ def served_routes(app) -> dict[tuple[str, str], Any]:  # noqa: ANN001
     """(path, method) -> view function, for every route the app serves, in OpenAPI spelling."""
     out = {}
     for rule in app.url_map.iter_rules():
-        if rule.endpoint in RESTX_INTERNALS:
+        if rule.endpoint in RESTX_INTERNALS or rule.endpoint.startswith(CONSOLE):
             continue
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         for method in rule.methods - {"HEAD", "OPTIONS"}:
@@ -505,6 +507,19 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     call("post", item + "/rotate", url=f"/admin/keys/{created['id']}/rotate", headers=admin,
          expect=409, code="conflict")
     call("post", item + "/rotate", url="/admin/keys/AAAAAAAAAAAA/rotate", headers=admin, expect=404)
+    edited = call("patch", item, url=f"/admin/keys/{rotated['id']}", headers=admin, expect=200,
+                  json={"scopes": ["data:read"], "expires_in": None, "rate_limit": "5/minute"}).get_json()
+    assert edited["rate_limit"] == "5/minute" and edited["expires_at"] is None
+    call("patch", item, url=f"/admin/keys/{rotated['id']}", headers=admin, json={"scope": ["admin"]},
+         expect=400, code="invalid_request")
+    call("patch", item, url="/admin/keys/AAAAAAAAAAAA", headers=admin, json={}, expect=404, code="not_found")
+    call("patch", item, url=f"/admin/keys/{created['id']}", headers=admin, json={"name": "x"}, expect=409,
+         code="conflict")
+    usage = "/admin/keys/{key_id}/usage"
+    call("get", usage, url=f"/admin/keys/{rotated['id']}/usage?interval=day", headers=admin, expect=200)
+    call("get", usage, url=f"/admin/keys/{rotated['id']}/usage?from=yesterday", headers=admin, expect=400,
+         code="invalid_request")
+    call("get", usage, url="/admin/keys/AAAAAAAAAAAA/usage", headers=admin, expect=404, code="not_found")
     call("delete", item, url=f"/admin/keys/{rotated['id']}", headers=admin, expect=204)
     call("delete", item, url=f"/admin/keys/{rotated['id']}", headers=admin, expect=204)
     call("delete", item, url="/admin/keys/AAAAAAAAAAAA", headers=admin, expect=404)

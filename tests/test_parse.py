@@ -284,3 +284,6 @@ def test_the_document_states_the_parsers_patterns():
     assert schemas["CreateKey"]["properties"]["name"]["pattern"] == NAME_PATTERN
     item = schemas["CreateKey"]["properties"]["allowed_ips"]["items"]
     assert item["pattern"] == NETWORK_PATTERN and item["format"] == "cidr"
+    edit = schemas["UpdateKey"]["properties"]  # PATCH validates as create does
+    assert edit["rate_limit"]["pattern"] == RATE_LIMIT_PATTERN and edit["name"]["pattern"] == NAME_PATTERN
+    assert edit["allowed_ips"]["items"] == item

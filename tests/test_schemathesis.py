@@ -34,8 +34,11 @@ Judgement calls, made on purpose:
   be a valid CIDR block with its host bits zero (``format: cidr``; ``10.0.0.1/8`` and
   ``999.0.0.0/8`` fit the pattern's characters). Schemathesis generates real blocks for that
   format (below), but its coverage phase builds values from the pattern alone; so on
-  ``POST /admin/keys`` the check is replaced by one that lets a 400 pass only when it names
-  ``allowed_ips`` and an item of the request really is no CIDR block.
+  ``POST /admin/keys`` and ``PATCH /admin/keys/{id}`` the check is replaced by one that lets a
+  400 pass only when it names ``allowed_ips`` and an item of the request really is no CIDR block.
+  Likewise ``GET /admin/keys/{id}/usage`` may refuse a range no schema can rule out (one that
+  runs backwards, or spans more than 2,400 buckets, or a date-time JSON Schema takes and Python
+  doesn't, such as a leap second): there a 400 passes only when it names ``from`` or ``to``.
 - ``use_after_free`` is off: ``DELETE /admin/keys/{id}`` revokes, and the key's metadata stays
   readable (the audit trail needs it); the document says so, and that repeating it answers 204.
 
@@ -110,6 +113,10 @@ def _is_cidr(text: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+#: ``GET /admin/keys/{id}/usage``'s refusals of schema-valid input (module docstring).
+USAGE_RANGE_REFUSAL = re.compile(r"(from|to)\b|at most \d+ (hour|day)s")
 
 
 class Target:
@@ -236,7 +243,8 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def schema_valid_input_is_accepted_unless_no_cidr_block(ctx: Any, response: Any, case: Any) -> None:
-    """``positive_data_acceptance`` for ``POST /admin/keys`` (module docstring)."""
+    """``positive_data_acceptance`` for ``POST /admin/keys`` and ``PATCH /admin/keys/{id}``
+    (module docstring)."""
     meta = case.meta
     if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
         return
@@ -244,6 +252,16 @@ def schema_valid_input_is_accepted_unless_no_cidr_block(ctx: Any, response: Any,
     items = case.body.get("allowed_ips") if isinstance(case.body, dict) else None
     assert problem["code"] == "invalid_request" and problem["detail"].startswith("allowed_ips") \
         and any(not _is_cidr(item) for item in items or []), (
+        f"schema-valid request refused for a reason the document doesn't give: {problem['detail']}")
+
+
+def schema_valid_input_is_accepted_unless_no_range(ctx: Any, response: Any, case: Any) -> None:
+    """``positive_data_acceptance`` for ``GET /admin/keys/{id}/usage`` (module docstring)."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or response.status_code != 400:
+        return
+    problem = _problem(response)
+    assert problem["code"] == "invalid_request" and USAGE_RANGE_REFUSAL.match(problem["detail"]), (
         f"schema-valid request refused for a reason the document doesn't give: {problem['detail']}")
 
 
@@ -305,10 +323,13 @@ def problem_code_is_one_its_response_documents(ctx: Any, response: Any, case: An
 
 
 def _checks(case: Any, *extra: Callable[..., None]) -> dict[str, Any]:
-    if case.operation.definition.raw.get("operationId") == "createKey":
+    narrower = {"createKey": schema_valid_input_is_accepted_unless_no_cidr_block,
+                "updateKey": schema_valid_input_is_accepted_unless_no_cidr_block,
+                "getKeyUsage": schema_valid_input_is_accepted_unless_no_range,
+                }.get(case.operation.definition.raw.get("operationId"))
+    if narrower is not None:
         return {"excluded_checks": [use_after_free, positive_data_acceptance],
-                "additional_checks": [schema_valid_input_is_accepted_unless_no_cidr_block,
-                                      problem_code_is_one_its_response_documents, *extra]}
+                "additional_checks": [narrower, problem_code_is_one_its_response_documents, *extra]}
     return {"excluded_checks": [use_after_free],
             "additional_checks": [problem_code_is_one_its_response_documents, *extra]}
 

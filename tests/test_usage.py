@@ -160,10 +160,10 @@ def test_a_store_outage_loses_no_counts(memory_store, monkeypatch, caplog):
     real = memory_store.record_usage
     down = {"now": True}
 
-    def flaky(batch):  # noqa: ANN001, ANN202
+    def flaky(batch, *hourly):  # noqa: ANN001, ANN002, ANN202
         if down["now"]:
             raise ConnectionError("store down")
-        return real(batch)
+        return real(batch, *hourly)
 
     monkeypatch.setattr(memory_store, "record_usage", flaky)
     for _ in range(4):

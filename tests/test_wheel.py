@@ -138,3 +138,18 @@ def test_keygate_from_an_empty_directory(installed: tuple[Path, Path], tmp_path:
 
     assert {"keygate.db", "secret_key"} <= {p.name for p in instance.iterdir()}
     assert _snapshot(site) == before, "keygate wrote into site-packages"
+
+
+def test_the_wheel_carries_the_console(installed: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every template and static file of the console is in the wheel: a page renders from it."""
+    wheel, venv = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "api" / "console").rglob("*")
+               if p.is_file() and p.suffix in (".html", ".css", ".js", "") and "__pycache__" not in p.parts}
+    assert shipped and shipped <= names, sorted(shipped - names)
+    script = ("from api import create_app; "
+              "app = create_app({'DATABASE_URL': 'memory://', 'SECRET_KEY': __import__('secrets').token_hex(32), 'INSTANCE_PATH': 'i'}, "
+              "store=__import__('keys').MemoryKeyStore()); c = app.test_client(); "
+              "print(c.get('/login').status_code, c.get('/dashboard/static/simple.css').status_code)")
+    done = run([str(venv / "bin" / "python"), "-c", script], cwd=tmp_path)
+    assert done.stdout.split() == ["200", "200"], done.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from flask import Response, current_app, g, request
@@ -9,11 +10,13 @@ from flask_restx import Namespace, fields
 
 from keys import KeyAuth, KeyRecord, get_key, issue_key, revoke_key
 from keys.exc import InvalidRequest
-from keys.issuing import rotate_key
+from keys.history import usage_series
+from keys.issuing import EDITABLE, rotate_key, update_key
 from keys.keyformat import is_key_id
+from keys.model import isoformat
 from keys.usage import UsageRecorder
 
-from ..bodies import int_arg, json_body, optional_string, seconds, string_list
+from ..bodies import int_arg, json_body, optional_string, seconds, string_list, time_arg
 from ..restx import Resource
 from ..scopes import ADMIN, SCOPES
 
@@ -27,6 +30,39 @@ def _actor() -> str:
 def _metadata(record: KeyRecord) -> dict[str, Any]:
     """A key's metadata as the API shows it: its state now, and the limit in force."""
     return record.metadata(default_rate_limit=current_app.extensions["keygate.settings"].default_rate_limit)
+
+
+def edits_from_json(body: dict[str, Any]) -> dict[str, Any]:
+    """A PATCH body's fields in ``update_key``'s terms: JSON types checked, durations in seconds
+    (``null`` clears: no expiry, the default limit, any address)."""
+    edits: dict[str, Any] = {}
+    for name, value in body.items():
+        if name in ("scopes", "allowed_ips") and value is not None:
+            value = string_list(value, name)
+        elif name == "rate_limit":
+            value = optional_string(value, name)
+        elif name == "expires_in":
+            value = seconds(value, name)
+        edits[name] = value
+    return edits
+
+
+#: How far back a usage series reaches when ``from`` is not given, per interval.
+DEFAULT_SPAN = {"hour": 86400, "day": 30 * 86400}
+
+
+def usage_report(store: Any, key_id: str) -> dict[str, Any]:
+    """``GET /admin/keys/<id>/usage``'s body, from the query's ``from``, ``to`` and ``interval``."""
+    get_key(store, key_id)  # 404 for an unknown key, before anything else
+    interval = request.args.get("interval", "hour")
+    if interval not in DEFAULT_SPAN:
+        raise InvalidRequest("interval must be hour or day", field="interval")
+    until = time_arg("to", time.time())
+    since = time_arg("from", until - DEFAULT_SPAN[interval])
+    buckets = usage_series(store, key_id, since, until, interval)
+    totals = {name: sum(getattr(b, name) for b in buckets) for name in ("accepted", "refused_limit", "refused_scope")}
+    return {"key_id": key_id, "interval": interval, "from": isoformat(buckets[0].start),
+            "to": isoformat(buckets[-1].start), "buckets": [b.as_dict() for b in buckets], "totals": totals}
 
 
 def _forget_cached_keys(auth: KeyAuth) -> None:
@@ -58,6 +94,13 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
         "allowed_ips": fields.List(fields.String, description="CIDR blocks"),
     })
     rotate_request = ns.model("RotateKey", {"grace": fields.String(description="e.g. 1h; default: stop now")})
+    update_request = ns.model("UpdateKey", {
+        "name": fields.String,
+        "scopes": fields.List(fields.String),
+        "expires_in": fields.String(description="seconds, or a duration like 30d, from now; null: never"),
+        "rate_limit": fields.String(description="e.g. 100/minute; null: the default"),
+        "allowed_ips": fields.List(fields.String, description="CIDR blocks; null or []: anywhere"),
+    })
 
     @ns.route("")
     class Keys(Resource):
@@ -107,6 +150,17 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             return _metadata(get_key(store, key_id))
 
         @ns.doc(security=ADMIN_ONLY)
+        @ns.expect(update_request, validate=False)
+        @ns.response(200, "Edited", metadata)
+        @auth.require(ADMIN)
+        def patch(self, key_id: str) -> dict[str, Any]:
+            """Edit a key in place (no rotation); 409 on a revoked key."""
+            edits = edits_from_json(json_body(set(EDITABLE)))
+            record = update_key(store, key_id, edits, actor=_actor(), vocabulary=SCOPES)
+            _forget_cached_keys(auth)
+            return _metadata(record)
+
+        @ns.doc(security=ADMIN_ONLY)
         @ns.response(204, "Revoked (repeating it is harmless)")
         @auth.require(ADMIN)
         def delete(self, key_id: str) -> Response:
@@ -129,6 +183,16 @@ def namespaces(auth: KeyAuth, usage: UsageRecorder | None = None) -> list[Namesp
             _forget_cached_keys(auth)
             return ({**_metadata(issued.record), "key": issued.plaintext}, 201,
                     {"Location": f"/admin/keys/{issued.record.id}"})
+
+    @ns.route("/<string:key_id>/usage")
+    class Usage(Resource):
+        @ns.doc(security=ADMIN_ONLY, params={
+            "from": "ISO 8601 time or date (default: a day, or 30 days, before `to`)",
+            "to": "ISO 8601 time or date (default: now)", "interval": "hour (default) or day"})
+        @auth.require(ADMIN)
+        def get(self, key_id: str) -> dict[str, Any]:
+            """Requests per hour or day: accepted, refused by the key's limit, refused by scope."""
+            return usage_report(store, key_id)
 
     @audit_ns.route("")
     class Audit(Resource):

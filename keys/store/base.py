@@ -7,10 +7,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from ..model import AuditEvent, KeyRecord
+from ..model import AuditEvent, KeyFilter, KeyRecord, SessionRecord, UsageBucket
 
 #: Schema version this code reads and writes; ``migrate()`` brings a store to it.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: ``merge(summary detail so far, or None for the first, one occurrence's detail) -> detail``
 Merge = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]
@@ -44,8 +44,10 @@ class KeyStore(ABC):
         """The key with this id, or ``None``."""
 
     @abstractmethod
-    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
-        """Keys ordered by id; ``after`` is the last id of the previous page."""
+    def list_keys(self, *, limit: int | None = None, after: str | None = None,
+                  where: KeyFilter | None = None) -> list[KeyRecord]:
+        """Keys ordered by id; ``after`` is the last id of the previous page; ``where``
+        keeps only the keys it matches."""
 
     @abstractmethod
     def revoke(self, key_id: str, at: float, event: AuditEvent | None = None) -> KeyRecord | None:
@@ -59,6 +61,16 @@ class KeyStore(ABC):
         """Atomically add ``new``, revoke ``old_id`` at ``old_revoked_at`` (as ``revoke``
         does) and append ``events``. Returns the old key's updated record, ``None`` if
         unknown (then nothing is written)."""
+
+    @abstractmethod
+    def update(self, key_id: str, changes: Mapping[str, Any], event: AuditEvent | None = None,
+               *, bump_generation: bool = False) -> KeyRecord | None:
+        """Change a key that is not revoked (not even in a rotation's grace) in place:
+        ``changes`` maps ``KeyRecord`` fields (name, scopes, rate_limit, allowed_ips,
+        expires_at) to new values. Bumps the revision, so every verification cache lets
+        go of the old record, and with ``bump_generation`` the key's generation (its query
+        tokens die). Returns the new record; ``None`` when the key is unknown or revoked
+        (then nothing is written)."""
 
     @abstractmethod
     def revision(self) -> int:
@@ -104,15 +116,28 @@ class KeyStore(ABC):
 
     @abstractmethod
     def events(
-        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None,
+        event: str | None = None,
     ) -> list[AuditEvent]:
-        """Events newest first; ``before`` is the smallest id of the previous page."""
+        """Events newest first; ``before`` is the smallest id of the previous page; ``key_id``
+        and ``event`` keep only the events of that key and of that kind."""
 
     # -- counters written behind the request path -------------------------------
 
     @abstractmethod
-    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
-        """Apply batched usage: ``{key_id: (last_used_at, requests since last flush)}``."""
+    def record_usage(self, usage: Mapping[str, tuple[float, int]],
+                     hourly: Mapping[tuple[str, int], tuple[int, int, int]] | None = None) -> None:
+        """Apply batched usage in one transaction: ``{key_id: (last_used_at, requests since
+        last flush)}``, and ``hourly`` counts added to what each hour already has:
+        ``{(key_id, hour start): (accepted, refused by limit, refused by scope)}``."""
+
+    @abstractmethod
+    def usage(self, key_id: str, since: float, until: float) -> list[UsageBucket]:
+        """The hours of ``key_id`` with any count, starting in ``[since, until)``, oldest first."""
+
+    @abstractmethod
+    def purge_usage(self, before: float) -> int:
+        """Forget the hourly counts of hours that started before ``before``; how many went."""
 
     @abstractmethod
     def add_auth_failures(self, counts: Mapping[str, int]) -> None:
@@ -121,6 +146,29 @@ class KeyStore(ABC):
     @abstractmethod
     def auth_failures(self) -> dict[str, int]:
         """Total authentication failures per outcome code."""
+
+    # -- console sessions -----------------------------------------------------------
+
+    @abstractmethod
+    def add_session(self, session: SessionRecord) -> None:
+        """Store a new signed-in session."""
+
+    @abstractmethod
+    def get_session(self, id_hash: str) -> SessionRecord | None:
+        """The session whose id hashes to ``id_hash``, or ``None``."""
+
+    @abstractmethod
+    def touch_session(self, id_hash: str, at: float) -> None:
+        """Record that the session was used at ``at`` (its idle timeout starts again)."""
+
+    @abstractmethod
+    def delete_session(self, id_hash: str) -> None:
+        """End a session; ending one that is gone is harmless."""
+
+    @abstractmethod
+    def purge_sessions(self, idle_before: float, created_before: float) -> int:
+        """Delete sessions last seen before ``idle_before`` or created before
+        ``created_before``; how many went."""
 
     def close(self) -> None:
         """Release connections; the store must not be used afterwards."""

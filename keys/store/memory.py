@@ -7,9 +7,10 @@ import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from ..exc import InvalidRequest
-from ..model import AuditEvent, KeyRecord
+from ..model import AuditEvent, KeyFilter, KeyRecord, SessionRecord, UsageBucket
 from .base import SCHEMA_VERSION, KeyStore, Merge
 
 
@@ -23,6 +24,8 @@ class MemoryKeyStore(KeyStore):
         self._next_event_id = 1
         self._summaries: dict[tuple[str, str, str, int], int] = {}  # -> the summary event's id
         self._failures: Counter[str] = Counter()
+        self._hourly: dict[tuple[str, int], list[int]] = {}
+        self._sessions: dict[str, SessionRecord] = {}
         self._revision = 0
         self._lock = threading.Lock()
 
@@ -61,11 +64,20 @@ class MemoryKeyStore(KeyStore):
     def get(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
 
-    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None,
+                  where: KeyFilter | None = None) -> list[KeyRecord]:
         with self._lock:
             start = bisect.bisect_right(self._ids, after) if after is not None else 0
-            stop = None if limit is None else start + limit
-            return [self._keys[i] for i in self._ids[start:stop]]
+            if where is None:
+                stop = None if limit is None else start + limit
+                return [self._keys[i] for i in self._ids[start:stop]]
+            out = []
+            for key_id in self._ids[start:]:
+                if where.matches(self._keys[key_id]):
+                    out.append(self._keys[key_id])
+                    if limit is not None and len(out) >= limit:
+                        break
+            return out
 
     def revoke(self, key_id: str, at: float, event: AuditEvent | None = None) -> KeyRecord | None:
         with self._lock:
@@ -85,6 +97,19 @@ class MemoryKeyStore(KeyStore):
             record = self._revoke(old_id, old_revoked_at)
             for event in events:
                 self._append_event(event)
+            return record
+
+    def update(self, key_id: str, changes: Mapping[str, Any], event: AuditEvent | None = None,
+               *, bump_generation: bool = False) -> KeyRecord | None:
+        with self._lock:
+            record = self._keys.get(key_id)
+            if record is None or record.revoked_at is not None:
+                return None
+            if bump_generation:
+                changes = {**changes, "generation": record.generation + 1}
+            record = self._keys[key_id] = record.replace(**changes)
+            self._revision += 1
+            self._append_event(event)
             return record
 
     def revision(self) -> int:
@@ -150,21 +175,27 @@ class MemoryKeyStore(KeyStore):
             return len(doomed)
 
     def events(
-        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None,
+        event: str | None = None,
     ) -> list[AuditEvent]:
         with self._lock:
             out = []
             for e in reversed(self._events):
                 if before is not None and e.id is not None and e.id >= before:
                     continue
-                if key_id is None or e.key_id == key_id:
+                if (key_id is None or e.key_id == key_id) and (event is None or e.event == event):
                     out.append(e)
                     if len(out) >= limit:
                         break
             return out
 
-    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
+    def record_usage(self, usage: Mapping[str, tuple[float, int]],
+                     hourly: Mapping[tuple[str, int], tuple[int, int, int]] | None = None) -> None:
         with self._lock:
+            for bucket, counts in (hourly or {}).items():
+                row = self._hourly.setdefault(bucket, [0, 0, 0])
+                for i, n in enumerate(counts):
+                    row[i] += n
             for key_id, (last_used, count) in usage.items():
                 record = self._keys.get(key_id)
                 if record is not None:
@@ -173,6 +204,18 @@ class MemoryKeyStore(KeyStore):
                         last_used_at=newest, use_count=record.use_count + count
                     )
 
+    def usage(self, key_id: str, since: float, until: float) -> list[UsageBucket]:
+        with self._lock:
+            return [UsageBucket(float(hour), *counts) for (kid, hour), counts in sorted(self._hourly.items())
+                    if kid == key_id and since <= hour < until]
+
+    def purge_usage(self, before: float) -> int:
+        with self._lock:
+            old = [bucket for bucket in self._hourly if bucket[1] < before]
+            for bucket in old:
+                del self._hourly[bucket]
+            return len(old)
+
     def add_auth_failures(self, counts: Mapping[str, int]) -> None:
         with self._lock:
             self._failures.update(counts)
@@ -180,3 +223,28 @@ class MemoryKeyStore(KeyStore):
     def auth_failures(self) -> dict[str, int]:
         with self._lock:
             return dict(self._failures)
+
+    def add_session(self, session: SessionRecord) -> None:
+        with self._lock:
+            self._sessions[session.id_hash] = session
+
+    def get_session(self, id_hash: str) -> SessionRecord | None:
+        return self._sessions.get(id_hash)
+
+    def touch_session(self, id_hash: str, at: float) -> None:
+        with self._lock:
+            session = self._sessions.get(id_hash)
+            if session is not None:
+                self._sessions[id_hash] = session._replace(last_seen_at=max(at, session.last_seen_at))
+
+    def delete_session(self, id_hash: str) -> None:
+        with self._lock:
+            self._sessions.pop(id_hash, None)
+
+    def purge_sessions(self, idle_before: float, created_before: float) -> int:
+        with self._lock:
+            old = [h for h, s in self._sessions.items()
+                   if s.last_seen_at < idle_before or s.created_at < created_before]
+            for h in old:
+                del self._sessions[h]
+            return len(old)

@@ -7,12 +7,15 @@ and raising ``SCHEMA_VERSION``; never edit one that has shipped. A migration bui
 what it creates from its own frozen definitions (``_frozen_*``), never from the live
 tables above, which later migrations change: a fresh install runs every migration in
 turn and must end where an upgraded store does.
+A test checks that running every migration on an empty store builds exactly the live
+tables.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -74,6 +77,32 @@ revision_table = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
+
+usage_table = sa.Table(
+    "usage_hourly",
+    metadata,
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("hour", sa.BigInteger, primary_key=True),  # epoch seconds of the hour's start, UTC
+    sa.Column("accepted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("refused_limit", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("refused_scope", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("ix_usage_hourly_hour", "hour"),  # retention deletes by age
+)
+
+sessions_table = sa.Table(
+    "console_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),  # SHA-256 of the browser's session id
+    sa.Column("key_id", sa.String(16), nullable=False, index=True),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("last_seen_at", sa.Double, nullable=False),
+    sa.Column("csrf_secret", sa.String(64), nullable=False),
+)
+
+
+def _frozen(name: str, *columns: sa.Column[Any] | sa.Index) -> sa.Table:
+    """A table as one migration created it, independent of the live definitions."""
+    return sa.Table(name, sa.MetaData(), *columns)
 
 
 # -- the tables as each migration created them (frozen: never edit) ------------------
@@ -193,9 +222,30 @@ def legacy_networks(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+def _v5(conn: sa.Connection) -> None:
+    _frozen(
+        "usage_hourly",
+        sa.Column("key_id", sa.String(16), primary_key=True),
+        sa.Column("hour", sa.BigInteger, primary_key=True),
+        sa.Column("accepted", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("refused_limit", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("refused_scope", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Index("ix_usage_hourly_hour", "hour"),
+    ).create(conn)
+    _frozen(
+        "console_sessions",
+        sa.Column("id_hash", sa.String(64), primary_key=True),
+        sa.Column("key_id", sa.String(16), nullable=False, index=True),
+        sa.Column("created_at", sa.Double, nullable=False),
+        sa.Column("last_seen_at", sa.Double, nullable=False),
+        sa.Column("csrf_secret", sa.String(64), nullable=False),
+    ).create(conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "api_keys table", _v1),
     (2, "audit_events and auth_failures tables", _v2),
     (3, "keygate_revision counter for verification caches", _v3),
     (4, "audit summaries and retention index; allow-lists as JSON", _v4),
+    (5, "usage_hourly counts and console_sessions", _v5),
 ]

@@ -24,7 +24,7 @@ from sqlalchemy import event
 
 from ..exc import ConfigError, InvalidRequest, StoreUnavailable
 from ..files import private_dir, private_file
-from ..model import AuditEvent, KeyRecord
+from ..model import AuditEvent, KeyFilter, KeyRecord
 from .base import SCHEMA_VERSION, KeyStore, Merge
 from .breaker import Breaker, OutageLog
 from .schema import (
@@ -37,6 +37,8 @@ from .schema import (
     revision_table,
     schema_table,
 )
+from .sql_sessions import SqlSessions
+from .sql_usage import SqlUsage, add_hourly
 
 _COLUMNS = [c.name for c in keys_table.columns]
 
@@ -101,6 +103,11 @@ def _insert_event(conn: sa.Connection, event: AuditEvent | None) -> None:
         ))
 
 
+def _bump_revision(conn: sa.Connection) -> None:
+    r = revision_table.c
+    conn.execute(revision_table.update().where(r.id == 1).values(revision=r.revision + 1))
+
+
 def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
     k = keys_table.c
     changed = conn.execute(
@@ -110,8 +117,7 @@ def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
         .values(revoked_at=at, generation=k.generation + 1)
     ).rowcount
     if changed:
-        r = revision_table.c
-        conn.execute(revision_table.update().where(r.id == 1).values(revision=r.revision + 1))
+        _bump_revision(conn)
     row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
     return None if row is None else _row_to_record(row)
 
@@ -159,7 +165,29 @@ class _ReaderState(threading.local):
     cursor: Any = None
 
 
-class SqlKeyStore(KeyStore):
+def _filtered(stmt: sa.Select[Any], where: KeyFilter) -> sa.Select[Any]:
+    """``where`` as SQL: the same answers as ``KeyFilter.matches``."""
+    k = keys_table.c
+    if where.name is not None:
+        stmt = stmt.where(sa.func.lower(k.name).contains(where.name.lower(), autoescape=True))
+    if where.scope is not None:  # scopes are stored space-separated
+        padded = sa.literal(" ") + k.scopes + sa.literal(" ")
+        stmt = stmt.where(padded.contains(f" {where.scope} ", autoescape=True))
+    now = where.now
+    revoked = sa.and_(k.revoked_at.is_not(None), k.revoked_at <= now)
+    expired = sa.and_(k.expires_at.is_not(None), k.expires_at <= now)
+    if where.state == "revoked":
+        stmt = stmt.where(revoked)
+    elif where.state == "expired":
+        stmt = stmt.where(sa.not_(revoked), expired)
+    elif where.state == "grace":
+        stmt = stmt.where(k.revoked_at > now, sa.not_(expired))
+    elif where.state == "active":
+        stmt = stmt.where(k.revoked_at.is_(None), sa.not_(expired))
+    return stmt
+
+
+class SqlKeyStore(SqlUsage, SqlSessions, KeyStore):
     def __init__(self, url: str, **engine_options: Any) -> None:
         try:
             sa_url = sa.make_url(url)
@@ -370,8 +398,11 @@ class SqlKeyStore(KeyStore):
             conn.execute(keys_table.insert().values(**_record_to_row(record)))
             _insert_event(conn, event)
 
-    def list_keys(self, *, limit: int | None = None, after: str | None = None) -> list[KeyRecord]:
+    def list_keys(self, *, limit: int | None = None, after: str | None = None,
+                  where: KeyFilter | None = None) -> list[KeyRecord]:
         stmt = sa.select(keys_table).order_by(keys_table.c.id)
+        if where is not None:
+            stmt = _filtered(stmt, where)
         if after is not None:
             stmt = stmt.where(keys_table.c.id > after)
         if limit is not None:
@@ -398,6 +429,24 @@ class SqlKeyStore(KeyStore):
                 _insert_event(conn, audit_event)
         return old
 
+    def update(self, key_id: str, changes: Mapping[str, Any], event: AuditEvent | None = None,
+               *, bump_generation: bool = False) -> KeyRecord | None:
+        k = keys_table.c
+        as_row = _record_to_row(KeyRecord("", "", "", (), 0.0)._replace(**changes))  # columns' spelling
+        values: dict[str, Any] = {name: as_row[name] for name in changes}
+        if bump_generation:
+            values["generation"] = k.generation + 1
+        with self._write() as conn:
+            changed = conn.execute(
+                keys_table.update().where(k.id == key_id, k.revoked_at.is_(None)).values(**values)
+            ).rowcount
+            if not changed:
+                return None
+            _bump_revision(conn)
+            _insert_event(conn, event)
+            row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
+        return None if row is None else _row_to_record(row)
+
     def record_event(self, event: AuditEvent) -> None:
         with self._write() as conn:
             _insert_event(conn, event)
@@ -420,12 +469,15 @@ class SqlKeyStore(KeyStore):
             return conn.execute(audit_table.delete().where(a.id.in_(oldest))).rowcount
 
     def events(
-        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None
+        self, *, key_id: str | None = None, limit: int = 100, before: int | None = None,
+        event: str | None = None,
     ) -> list[AuditEvent]:
         a = audit_table.c
         stmt = sa.select(audit_table).order_by(a.id.desc()).limit(limit)
         if key_id is not None:
             stmt = stmt.where(a.key_id == key_id)
+        if event is not None:
+            stmt = stmt.where(a.event == event)
         if before is not None:
             stmt = stmt.where(a.id < before)
         with self._read() as conn:
@@ -435,8 +487,9 @@ class SqlKeyStore(KeyStore):
                 for r in conn.execute(stmt)
             ]
 
-    def record_usage(self, usage: Mapping[str, tuple[float, int]]) -> None:
-        if not usage:
+    def record_usage(self, usage: Mapping[str, tuple[float, int]],
+                     hourly: Mapping[tuple[str, int], tuple[int, int, int]] | None = None) -> None:
+        if not usage and not hourly:
             return
         k = keys_table.c
         stmt = (
@@ -453,7 +506,9 @@ class SqlKeyStore(KeyStore):
         )
         rows = [{"b_id": i, "b_at": at, "b_count": n} for i, (at, n) in sorted(usage.items())]
         with self._write() as conn:
-            conn.execute(stmt, rows)
+            if rows:
+                conn.execute(stmt, rows)
+            add_hourly(conn, hourly or {})
 
     def add_auth_failures(self, counts: Mapping[str, int]) -> None:
         if not counts:
