@@ -219,7 +219,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     app.extensions["keygate.usage"] = usage
     limiter = open_configured_limiter(settings)
     limits = RateLimits(app, auth, limiter, settings.default_rate_limit, usage, settings.ratelimit_fail_open,
-                        backends)
+                        backends, auth_failure_limit=settings.auth_failure_limit)
     app.extensions["keygate.signer"] = signer
     retention = AuditRetention(store, settings.audit_retention)
     retention.start()

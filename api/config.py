@@ -61,6 +61,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     log_format: str = "text"
     usage_retention: int = 90 * 86400
+    auth_failure_limit: str = "30/minute"
 
 
 def _secret_from_file(instance: Path) -> str:
@@ -237,6 +238,8 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     default_rate = get("DEFAULT_RATE_LIMIT") or "600/minute"
     try:
         default_rate = str(parse_rate_limit(default_rate, "KEYGATE_DEFAULT_RATE_LIMIT"))
+        auth_failure_limit = str(parse_rate_limit(get("AUTH_FAILURE_LIMIT") or "30/minute",
+                                                  "KEYGATE_AUTH_FAILURE_LIMIT"))
         max_ttl = parse_duration(get("TOKEN_MAX_TTL") or "24h", "KEYGATE_TOKEN_MAX_TTL")
         audit_retention = parse_duration(get("AUDIT_RETENTION") or "90d", "KEYGATE_AUDIT_RETENTION")
         usage_retention = parse_duration(get("USAGE_RETENTION") or "90d", "KEYGATE_USAGE_RETENTION")
@@ -278,4 +281,5 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
         cors_origins=_cors_origins(get("CORS_ORIGINS")),
         log_format=log_format,
         usage_retention=usage_retention,
+        auth_failure_limit=auth_failure_limit,
     )

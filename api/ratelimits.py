@@ -1,7 +1,9 @@
-"""Wiring per-key rate limits and usage tracking into the request path."""
+"""Wiring per-key rate limits, the refused-credential throttle and usage tracking into
+the request path."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -9,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, request
 
 from keys import KeyAuth
-from keys.exc import RateLimited
+from keys.exc import AuthenticationError, AuthThrottled, IpNotAllowed, KeygateError, MissingCredentials, RateLimited
 from keys.model import Principal
 from keys.parse import RateLimit, parse_rate_limit
-from keys.ratelimit import Limiter, LimitState, RateLimitUnavailable
+from keys.ratelimit import Counter, Limiter, LimitState, RateLimitUnavailable
 from keys.usage import UsageRecorder
 
 if TYPE_CHECKING:
@@ -20,21 +22,29 @@ if TYPE_CHECKING:
 
 #: Where a request's ``LimitState`` is kept (the WSGI environ: the response reads it there).
 ENVIRON_KEY = "keygate.rate_limit"
+#: The limiter namespace of refused credentials, counted per client address.
+AUTH_FAILURE_NAMESPACE = "authfail"
 
 
 class RateLimits:
     """Flask extension: every request a key makes counts against its limit, refused for
-    scope or not; only authorised ones count as uses."""
+    scope or not; only authorised ones count as uses. With ``auth_failure_limit``, refused
+    credentials are limited per client address too: once an address has spent them, every
+    credential it sends is answered 429 ``auth_throttled``, whether it would have passed or not."""
 
     def __init__(self, app: Flask, auth: KeyAuth, limiter: Limiter, default: str,
-                 usage: UsageRecorder, fail_open: bool = False, backends: Backends | None = None) -> None:
+                 usage: UsageRecorder, fail_open: bool = False, backends: Backends | None = None,
+                 auth_failure_limit: str | None = None) -> None:
         self.limiter = limiter
         self.default = parse_rate_limit(default)
         self.usage = usage
         self.fail_open = fail_open
         self.backends = backends
+        self.auth_failure_limit = None if auth_failure_limit is None else parse_rate_limit(auth_failure_limit)
         auth.after_identification(self._on_request)  # 403s for scope count too
         auth.after_authentication(self._on_authorised)
+        if self.auth_failure_limit is not None:
+            auth.before_refusal(self._on_refusal)
         app.response_class = type("Response", (RateLimitHeaders, app.response_class), {})
         app.extensions["keygate.ratelimits"] = self
 
@@ -53,18 +63,19 @@ class RateLimits:
         self._on_request(principal)
 
     def _on_request(self, principal: Principal) -> None:
+        guard = self._guard()
         try:
-            state = self.limiter.hit(principal.key_id, self.limit_for(principal))
+            if guard is None:
+                state: LimitState | None = self.limiter.hit(principal.key_id, self.limit_for(principal))
+            else:  # one step: the address's refused credentials checked, the key's hit counted
+                checked, state = self.limiter.hit_unless(principal.key_id, self.limit_for(principal), guard)
         except RateLimitUnavailable as e:
-            if self.backends is not None:  # logged once as the outage starts, once as it ends
-                self.backends.failed("rate_limiter", e, "letting requests through (KEYGATE_RATELIMIT_FAIL_OPEN=1)"
-                                     if self.fail_open else "refusing requests with 503 (set "
-                                     "KEYGATE_RATELIMIT_FAIL_OPEN=1 to let them through)")
-            if not self.fail_open:
-                raise
+            self._unavailable(e)
             return
         if self.backends is not None:
             self.backends.ok("rate_limiter")
+        if state is None:
+            raise self._throttled(checked)
         request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
             self.usage.limited(principal.key_id)
@@ -73,8 +84,65 @@ class RateLimits:
                 retry_after=state.retry_after,
             )
 
+    def _on_refusal(self, error: KeygateError) -> None:
+        """A guess (``invalid_credentials``, a forged ``invalid_token``) spends one of the
+        address's refused credentials. Once they are spent, it and every other checked
+        credential (a revoked key, an expired token, a key from outside its allow-list) get
+        429 instead of what the check found: those would confirm a guess too."""
+        guard = self._guard()
+        if guard is None or not isinstance(error, AuthenticationError | IpNotAllowed) \
+                or isinstance(error, MissingCredentials):
+            return  # nothing was checked (none or two credentials), or checked with the key's hit
+        try:
+            if isinstance(error, AuthenticationError) and error.guess:
+                state = self.limiter.hit(guard.name, guard.limit, namespace=guard.namespace)
+            else:
+                state = self.limiter.peek(guard.name, guard.limit, namespace=guard.namespace)
+        except RateLimitUnavailable as e:
+            self._unavailable(e)
+            return
+        if not state.allowed:
+            raise self._throttled(state)
+
+    def _guard(self) -> Counter | None:
+        """The current client address's counter of refused credentials, if they are limited."""
+        if self.auth_failure_limit is None:
+            return None
+        return Counter(client_address(request.remote_addr), self.auth_failure_limit, AUTH_FAILURE_NAMESPACE)
+
+    def _throttled(self, state: LimitState) -> AuthThrottled:
+        return AuthThrottled(f"too many refused credentials from this address ({state.limit}); "
+                             f"retry in {state.retry_after} s", retry_after=state.retry_after)
+
+    def _unavailable(self, e: RateLimitUnavailable) -> None:
+        """The limit store is down: raise the 503, or (fail-open) return to let the request on."""
+        if self.backends is not None:  # logged once as the outage starts, once as it ends
+            self.backends.failed("rate_limiter", e, "letting requests through (KEYGATE_RATELIMIT_FAIL_OPEN=1)"
+                                 if self.fail_open else "refusing requests with 503 (set "
+                                 "KEYGATE_RATELIMIT_FAIL_OPEN=1 to let them through)")
+        if not self.fail_open:
+            raise e
+
     def _on_authorised(self, principal: Principal) -> None:
         self.usage.hit(principal.key_id)  # use_count counts what the key was let do
+
+
+@lru_cache(maxsize=4096)
+def client_address(remote: str | None) -> str:
+    """The address refused credentials are counted under: an IPv4 address as it is, an
+    IPv6 one by its /64 (one subscriber's usual allocation: per /128 it could rotate
+    addresses for free), an IPv4-mapped IPv6 one as the IPv4 address."""
+    if not remote:
+        return "-"  # no peer address (a Unix socket): one counter for all
+    if ":" not in remote:
+        return remote[:64]  # an IPv4 address (or, from a trusted proxy, whatever it said)
+    try:
+        address = ipaddress.IPv6Address(remote.split("%", 1)[0])
+    except ValueError:
+        return remote[:64]
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
 class RateLimitHeaders:

@@ -7,6 +7,7 @@ environment variable, and knows no scope names of its own (see ``Scopes``).
 from .auth import KeyAuth, KeyAuthState, current_principal
 from .exc import (
     AccessDenied,
+    AuthThrottled,
     AuthenticationError,
     ConfigError,
     Conflict,
@@ -38,7 +39,7 @@ from .tokens import TokenSigner
 from .verify import match_key, verify_key
 
 __all__ = [
-    "AccessDenied", "AuthenticationError", "BearerKey", "ConfigError", "Conflict", "CredentialSource",
+    "AccessDenied", "AuthThrottled", "AuthenticationError", "BearerKey", "ConfigError", "Conflict", "CredentialSource",
     "HeaderKey", "InsufficientScope", "InvalidCredentials", "InvalidRequest", "InvalidToken", "IpNotAllowed",
     "IssuedKey", "KeyAuth", "KeyAuthState", "KeyExpired", "KeyRecord", "KeyRevoked", "KeyStore",
     "KeygateError", "MemoryKeyStore", "MethodNotAllowed", "MissingCredentials", "MultipleCredentials",

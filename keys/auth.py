@@ -120,6 +120,7 @@ class KeyAuth:
             self.add_source(source)
         self._after_identification: list[Callable[[Principal], None]] = []
         self._after_auth: list[Callable[[Principal], None]] = []
+        self._before_refusal: list[Callable[[KeygateError], None]] = []
         self._on_failure: list[Callable[[KeygateError], None]] = []
         self._render: ErrorRenderer | None = None
         if app is not None:
@@ -204,6 +205,13 @@ class KeyAuth:
         self._after_auth.append(hook)
         return hook
 
+    def before_refusal(self, hook: Callable[[KeygateError], None]) -> Callable[[KeygateError], None]:
+        """Register ``hook(error)`` to run first for every refusal: a ``KeygateError`` it
+        raises is answered instead, and is what the failure hooks see (a throttle that
+        answers 429 whatever the credential was)."""
+        self._before_refusal.append(hook)
+        return hook
+
     def on_failure(self, hook: Callable[[KeygateError], None]) -> Callable[[KeygateError], None]:
         """Register ``hook(error)`` to run for every refused request (failure metrics)."""
         self._on_failure.append(hook)
@@ -253,9 +261,17 @@ class KeyAuth:
             for hook in self._after_auth:
                 hook(principal)
         except KeygateError as e:
+            refusal = e
+            try:
+                for guard in self._before_refusal:
+                    guard(e)
+            except KeygateError as instead:
+                refusal = instead
             for failure_hook in self._on_failure:
-                failure_hook(e)
-            raise
+                failure_hook(refusal)
+            if refusal is e:
+                raise
+            raise refusal from None
         # Only an authorised request gets a principal: after-request hooks, logs and the
         # response see none on a refusal.
         g.principal = principal

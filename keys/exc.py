@@ -81,6 +81,9 @@ class AuthenticationError(KeygateError):
     status = 401
     #: The ``WWW-Authenticate`` value to answer with; ``None`` until ``KeyAuth`` sets it.
     challenge: str | None = None
+    #: Whether nothing in the refused credential proved genuine (a wrong key, a forged token):
+    #: what a throttle of guessing counts. A revoked key or an expired token is no guess.
+    guess: bool = False
 
     def headers(self) -> dict[str, str]:
         return {} if self.challenge is None else {"WWW-Authenticate": self.challenge}
@@ -97,6 +100,7 @@ class InvalidCredentials(AuthenticationError):
 
     code = "invalid_credentials"
     title = "Invalid credentials"
+    guess = True
     default_detail = "The API key is not valid."
 
 
@@ -116,12 +120,19 @@ class InvalidToken(AuthenticationError):
     code = "invalid_token"
     title = "Invalid token"
     default_detail = "The token is not valid."
+    guess = True
+
+    def __init__(self, detail: str | None = None, *, guess: bool | None = None) -> None:
+        super().__init__(detail)
+        if guess is not None:  # False: its signature held, but its key has changed since
+            self.guess = guess
 
 
 class TokenExpired(InvalidToken):
     code = "token_expired"
     title = "Token expired"
     default_detail = "The token has expired; mint a new one."
+    guess = False  # only a genuine token can say it has expired
 
 
 # -- 403 ---------------------------------------------------------------------
@@ -188,6 +199,15 @@ class RateLimited(KeygateError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class AuthThrottled(RateLimited):
+    """Too many refused credentials from one client address: every credential it sends is
+    answered with this, checked or not, until ``retry_after`` — a 200 among 429s would go
+    on confirming guesses."""
+
+    code = "auth_throttled"
+    title = "Too many refused credentials"
 
 
 def error_for_code(code: str) -> type[KeygateError]:

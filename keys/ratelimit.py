@@ -15,7 +15,10 @@ the same limits whether an operator runs one host or a fleet:
 
 A limiter counts named things in namespaces: ``"key"`` (an API key's id) is
 the per-key limit; another namespace (a client address, say) is a counter of
-another kind that never collides with a key's.
+another kind that never collides with a key's. Besides ``hit``, ``peek`` tells
+what a hit would answer without counting it, and ``hit_unless`` counts a hit only
+if a guard counter (a client address's refused credentials) is not spent — both
+in one step: one lock, one round trip.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class LimitState(NamedTuple):
     retry_after: int  # seconds until the next request would pass (0 when allowed)
 
 
+class Counter(NamedTuple):
+    """One counter: ``name`` in ``namespace``, against ``limit``."""
+
+    name: str
+    limit: RateLimit
+    namespace: str = KEY_NAMESPACE
+
+
 class RateLimitUnavailable(StoreUnavailable):
     code = "rate_limit_unavailable"
     title = "Rate limit store unavailable"
@@ -68,6 +79,22 @@ class Limiter(ABC):
         """Count one request for ``name`` (in ``namespace``) against ``limit``; refused
         hits are not counted. ``now`` (seconds since the epoch) is for tests that drive
         the clock; by default the backend's own clock decides."""
+
+    @abstractmethod
+    def peek(self, name: str, limit: RateLimit, now: float | None = None,
+             namespace: str = KEY_NAMESPACE) -> LimitState:
+        """What ``hit`` would answer now, counting nothing."""
+
+    def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+        """Peek at ``guard``; only if a hit on it would pass, count one for ``name``.
+        Returns the guard's state and ``name``'s (``None`` when the guard refused).
+
+        The backends here do both in one step; this fallback (for other limiters) in two."""
+        checked = self.peek(guard.name, guard.limit, now, guard.namespace)
+        if not checked.allowed:
+            return checked, None
+        return checked, self.hit(name, limit, now, namespace)
 
     def ping(self) -> None:
         """Raise ``RateLimitUnavailable`` if the limit store doesn't answer (readiness
@@ -167,31 +194,72 @@ class SharedMemoryLimiter(Limiter):
 
     def hit(self, name: str, limit: RateLimit, now: float | None = None,
             namespace: str = KEY_NAMESPACE) -> LimitState:
-        memo = self._memos.get(namespace)
-        if memo is None:
-            memo = self._memos.setdefault(check_namespace(namespace), {})
-        cell = memo.get(name) or self._cell(name, namespace, memo)
-        cell_name, start, hint = cell
+        cell = self._cell(name, namespace)
         period = limit.period
         interval = period / limit.amount
         now = time.time() if now is None else now
         with self._thread_lock:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                stored, tat = _SLOT.unpack_from(self._map, hint)
-                if stored != cell_name:  # moved, evicted, or never stored: look for it
-                    hint, tat = self._find(cell_name, start, now)
-                    cell[2] = hint
-                allowed, new_tat, ahead = gcra_step(tat, now, period, interval)
-                if allowed:
-                    _SLOT.pack_into(self._map, hint, cell_name, new_tat)
+                allowed, ahead = self._step(cell, now, period, interval, True)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         return limit_state(allowed, ahead, limit, interval)
 
-    def _cell(self, name: str, namespace: str, memo: dict[str, list[Any]]) -> list[Any]:
+    def peek(self, name: str, limit: RateLimit, now: float | None = None,
+             namespace: str = KEY_NAMESPACE) -> LimitState:
+        cell = self._cell(name, namespace)
+        interval = limit.period / limit.amount
+        now = time.time() if now is None else now
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            try:
+                allowed, ahead = self._step(cell, now, limit.period, interval, False)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return limit_state(allowed, ahead, limit, interval)
+
+    def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+        guard_cell = self._cell(guard.name, guard.namespace)
+        cell = self._cell(name, namespace)
+        guard_interval = guard.limit.period / guard.limit.amount
+        interval = limit.period / limit.amount
+        now = time.time() if now is None else now
+        allowed, ahead = False, 0.0
+        with self._thread_lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                passed, guard_ahead = self._step(guard_cell, now, guard.limit.period, guard_interval, False)
+                if passed:
+                    allowed, ahead = self._step(cell, now, limit.period, interval, True)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        checked = limit_state(passed, guard_ahead, guard.limit, guard_interval)
+        return checked, limit_state(allowed, ahead, limit, interval) if passed else None
+
+    def _step(self, cell: list[Any], now: float, period: float, interval: float,
+              count: bool) -> tuple[bool, float]:
+        """``gcra_step`` on ``cell``, stored if ``count`` and allowed; the caller holds the locks."""
+        cell_name, start, hint = cell
+        stored, tat = _SLOT.unpack_from(self._map, hint)
+        if stored != cell_name:  # moved, evicted, or never stored: look for it
+            hint, tat = self._find(cell_name, start, now)
+            cell[2] = hint
+        allowed, new_tat, ahead = gcra_step(tat, now, period, interval)
+        if allowed and count:
+            _SLOT.pack_into(self._map, hint, cell_name, new_tat)
+        return allowed, ahead
+
+    def _cell(self, name: str, namespace: str) -> list[Any]:
         """``[cell name, first probe offset, last known offset]`` for a counter, kept per
         process so a hit skips the encoding, the hash and (usually) the probing."""
+        memo = self._memos.get(namespace)
+        if memo is None:
+            memo = self._memos.setdefault(check_namespace(namespace), {})
+        cell = memo.get(name)
+        if cell is not None:
+            return cell
         raw = name.encode()
         if namespace != KEY_NAMESPACE:  # a name of its own kind, so it never meets a key's
             raw = hashlib.blake2b(raw, digest_size=16, person=namespace.encode()).digest()
@@ -279,14 +347,43 @@ class MemoryLimiter(Limiter):
         period = limit.period
         interval = period / limit.amount
         now = time.time() if now is None else now
-        cell = (namespace, name)
         with self._lock:
-            allowed, new_tat, ahead = gcra_step(self._tats.get(cell, now), now, period, interval)
-            if allowed:
-                self._tats[cell] = new_tat
-                if len(self._tats) > _MAX_CELLS:  # forget full quotas, as Redis expires them
-                    self._tats = {c: t for c, t in self._tats.items() if t > now}
+            allowed, ahead = self._step((namespace, name), now, period, interval, True)
         return limit_state(allowed, ahead, limit, interval)
+
+    def peek(self, name: str, limit: RateLimit, now: float | None = None,
+             namespace: str = KEY_NAMESPACE) -> LimitState:
+        check_namespace(namespace)
+        interval = limit.period / limit.amount
+        now = time.time() if now is None else now
+        with self._lock:
+            allowed, ahead = self._step((namespace, name), now, limit.period, interval, False)
+        return limit_state(allowed, ahead, limit, interval)
+
+    def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+        check_namespace(guard.namespace)
+        check_namespace(namespace)
+        guard_interval = guard.limit.period / guard.limit.amount
+        interval = limit.period / limit.amount
+        now = time.time() if now is None else now
+        allowed, ahead = False, 0.0
+        with self._lock:
+            passed, guard_ahead = self._step((guard.namespace, guard.name), now, guard.limit.period,
+                                             guard_interval, False)
+            if passed:
+                allowed, ahead = self._step((namespace, name), now, limit.period, interval, True)
+        checked = limit_state(passed, guard_ahead, guard.limit, guard_interval)
+        return checked, limit_state(allowed, ahead, limit, interval) if passed else None
+
+    def _step(self, cell: tuple[str, str], now: float, period: float, interval: float,
+              count: bool) -> tuple[bool, float]:
+        allowed, new_tat, ahead = gcra_step(self._tats.get(cell, now), now, period, interval)
+        if allowed and count:
+            self._tats[cell] = new_tat
+            if len(self._tats) > _MAX_CELLS:  # forget full quotas, as Redis expires them
+                self._tats = {c: t for c, t in self._tats.items() if t > now}
+        return allowed, ahead
 
 
 # -- choosing a backend ------------------------------------------------------------------

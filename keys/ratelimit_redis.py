@@ -11,6 +11,11 @@ agree on every limit. Each thread sends ``EVALSHA`` on a redis-py connection of 
 own and, when Redis answers ``NOSCRIPT`` (first use, a restart, a failover), loads
 the script and repeats the call once.
 
+``peek`` and ``hit_unless`` (a key's hit, counted only while its client address has
+refused credentials to spare) are one more script, ``GUARDED_LUA``, also one round trip.
+It touches two counters with different hash tags, so it needs one Redis (or a
+Sentinel-managed primary), not a Redis Cluster.
+
 Layout: one string per counter, ``<prefix>rl:<namespace>:{<name>}`` (a key's cell:
 ``keygate:rl:key:{<key id>}``), holding its theoretical arrival time. The braces
 are a Redis Cluster hash tag: everything about one name stays on one slot. Every
@@ -28,7 +33,7 @@ from urllib.parse import urlsplit
 from .exc import ConfigError
 from .forking import after_fork_in_child
 from .parse import RateLimit
-from .ratelimit import KEY_NAMESPACE, Limiter, LimitState, RateLimitUnavailable, check_namespace, limit_state
+from .ratelimit import KEY_NAMESPACE, Counter, Limiter, LimitState, RateLimitUnavailable, check_namespace, limit_state
 
 #: Budget of connecting, and of one answer: a Redis that is down or hung must cost the
 #: request under a second (then 503, or fail-open), never the client's default minutes.
@@ -55,6 +60,38 @@ if ahead <= period + 1e-9 then
   return {1, string.format('%.17g', ahead)}
 end
 return {0, string.format('%.17g', ahead)}
+"""
+
+
+# KEYS[1]: the guard (peeked, never written); KEYS[2], if given: the counter to hit.
+# ARGV: the guard's period and interval, the test clock or '', the counter's period and
+# interval. Returns {0, guard ahead} (guard spent), {1, guard ahead} (a peek), or
+# {1, guard ahead, allowed, ahead}.
+GUARDED_LUA = """
+local now, slack = tonumber(ARGV[3]), 0
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  slack = 3600000
+end
+local gperiod, ginterval = tonumber(ARGV[1]), tonumber(ARGV[2])
+local g = tonumber(redis.call('GET', KEYS[1])) or now
+if not (g >= now) then g = now elseif g > now + gperiod then g = now + gperiod end
+local gahead = (g + ginterval) - now
+if not (gahead <= gperiod + 1e-9) then return {0, string.format('%.17g', gahead)} end
+if KEYS[2] == nil then return {1, string.format('%.17g', gahead)} end
+local period, interval = tonumber(ARGV[4]), tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[2])) or now
+if not (tat >= now) then tat = now elseif tat > now + period then tat = now + period end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead <= period + 1e-9 then
+  local ttl = math.max(1, math.ceil(ahead * 1000)) + slack
+  redis.call('SET', KEYS[2], string.format('%.17g', new_tat), 'PX', ttl)
+  return {1, string.format('%.17g', gahead), 1, string.format('%.17g', ahead)}
+end
+return {1, string.format('%.17g', gahead), 0, string.format('%.17g', ahead)}
 """
 
 
@@ -111,7 +148,7 @@ class RedisLimiter(Limiter):
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
         self._redis = redis
-        self._sha = _sha1(GCRA_LUA)
+        self._scripts = {GCRA_LUA: _sha1(GCRA_LUA), GUARDED_LUA: _sha1(GUARDED_LUA)}
         self.prefix = prefix
         self._heads: dict[str, str] = {}
         self._args: dict[RateLimit, tuple[bytes, bytes]] = {}
@@ -130,18 +167,19 @@ class RedisLimiter(Limiter):
                 self._connections.add(conn)
         return conn
 
-    def _evalsha(self, key: str, args: tuple[bytes, ...]) -> Any:
+    def _evalsha(self, script: str, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
         redis = self._redis
         conn = self._connection()
+        sha = self._scripts[script]
         for attempt in (1, 2):
             try:
                 try:
-                    conn.send_command("EVALSHA", self._sha, 1, key, *args)
+                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                     return conn.read_response()
                 except redis.exceptions.NoScriptError:  # first use, or Redis lost its scripts
-                    conn.send_command("SCRIPT", "LOAD", GCRA_LUA)
+                    conn.send_command("SCRIPT", "LOAD", script)
                     conn.read_response()
-                    conn.send_command("EVALSHA", self._sha, 1, key, *args)
+                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
                     return conn.read_response()
             except redis.ConnectionError:
                 conn.disconnect()  # reconnects on the next command
@@ -165,18 +203,41 @@ class RedisLimiter(Limiter):
             head = self._heads[check_namespace(namespace)] = f"{self.prefix}rl:{namespace}:{{"
         return head + name + "}"
 
-    def hit(self, name: str, limit: RateLimit, now: float | None = None,
-            namespace: str = KEY_NAMESPACE) -> LimitState:
-        interval = limit.period / limit.amount
+    def _limit_args(self, limit: RateLimit) -> tuple[bytes, bytes]:
         fixed = self._args.get(limit)
         if fixed is None:  # repr: the shortest text that parses back to the same double
+            interval = limit.period / limit.amount
             fixed = self._args[limit] = (str(limit.period).encode(), repr(interval).encode())
-        args: tuple[bytes, ...] = fixed if now is None else (*fixed, repr(float(now)).encode())
+        return fixed
+
+    def _run(self, script: str, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
         try:
-            allowed, ahead = self._evalsha(self.cell(name, namespace), args)
+            return self._evalsha(script, keys, args)
         except self._redis.RedisError as e:
             raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
-        return limit_state(allowed == 1, float(ahead), limit, interval)
+
+    def hit(self, name: str, limit: RateLimit, now: float | None = None,
+            namespace: str = KEY_NAMESPACE) -> LimitState:
+        fixed = self._limit_args(limit)
+        args: tuple[bytes, ...] = fixed if now is None else (*fixed, repr(float(now)).encode())
+        allowed, ahead = self._run(GCRA_LUA, (self.cell(name, namespace),), args)
+        return limit_state(allowed == 1, float(ahead), limit, limit.period / limit.amount)
+
+    def peek(self, name: str, limit: RateLimit, now: float | None = None,
+             namespace: str = KEY_NAMESPACE) -> LimitState:
+        clock = b"" if now is None else repr(float(now)).encode()
+        allowed, ahead = self._run(GUARDED_LUA, (self.cell(name, namespace),), (*self._limit_args(limit), clock))
+        return limit_state(allowed == 1, float(ahead), limit, limit.period / limit.amount)
+
+    def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+        clock = b"" if now is None else repr(float(now)).encode()
+        keys = (self.cell(guard.name, guard.namespace), self.cell(name, namespace))
+        answer = self._run(GUARDED_LUA, keys, (*self._limit_args(guard.limit), clock, *self._limit_args(limit)))
+        checked = limit_state(answer[0] == 1, float(answer[1]), guard.limit, guard.limit.period / guard.limit.amount)
+        if answer[0] != 1:
+            return checked, None
+        return checked, limit_state(answer[2] == 1, float(answer[3]), limit, limit.period / limit.amount)
 
     def ping(self) -> None:
         try:

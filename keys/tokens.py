@@ -155,14 +155,14 @@ class TokenSigner:
         if expires_n <= now:
             raise TokenExpired()
         if expires_n > now + self.max_ttl + 60:  # minted before max_ttl was lowered
-            raise InvalidToken("The token outlives the longest lifetime now allowed.")
+            raise InvalidToken("The token outlives the longest lifetime now allowed.", guess=False)
         record = store.get(key_id)
         if record is None or record.generation != generation_n:
-            raise InvalidToken("The token's key has been revoked or rotated.")
+            raise InvalidToken("The token's key has been revoked or rotated.", guess=False)
         try:
             check_live(record, now)
         except KeygateError:
-            raise InvalidToken("The token's key is no longer valid.") from None
+            raise InvalidToken("The token's key is no longer valid.", guess=False) from None
         return Principal(record.id, record.name, granted, "token", record)
 
 

@@ -349,3 +349,11 @@ def assert_one_line_failure(proc: subprocess.CompletedProcess[str], *, names: st
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert names in proc.stderr, proc.stderr
+
+
+def allow_refused_credentials(app, limit: str = "100000/minute") -> None:  # noqa: ANN001
+    """Raise the app's per-address limit of refused credentials (``KEYGATE_AUTH_FAILURE_LIMIT``,
+    30/minute by default) for a test that sends many bad credentials on purpose."""
+    from keys.parse import parse_rate_limit
+
+    app.extensions["keygate.ratelimits"].auth_failure_limit = parse_rate_limit(limit)

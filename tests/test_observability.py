@@ -261,16 +261,18 @@ def test_the_backend_gauge_shows_an_outage_of_the_rate_limiter(mem, monkeypatch)
     store, app, client = mem
     admin = issue_key(store, name="admin", scopes=["admin"]).plaintext
     limiter = app.extensions["keygate.ratelimits"].limiter
-    real_hit = limiter.hit
+    real = limiter.hit, limiter.hit_unless
 
     def down(*_a: object, **_k: object) -> None:
         raise RateLimitUnavailable("the rate-limit store is unreachable (ConnectionError)")
 
     monkeypatch.setattr(limiter, "hit", down)
+    monkeypatch.setattr(limiter, "hit_unless", down)  # the key's hit, with its address's throttle
     assert client.get("/admin", headers={"API-Key": admin}).status_code == 503
     monkeypatch.setattr(limiter, "ping", down)
     assert client.get("/readyz").status_code == 503
-    monkeypatch.setattr(limiter, "hit", real_hit)  # the scrape itself passes the limiter again
+    monkeypatch.setattr(limiter, "hit", real[0])
+    monkeypatch.setattr(limiter, "hit_unless", real[1])  # the scrape itself passes the limiter again
     text = samples(scrape(client, admin))
     # the scrape's own hit succeeded first: the outage is over by the time it is rendered
     assert text[("keygate_backend_errors_total", frozenset({("backend", "rate_limiter")}))] == 2

@@ -180,7 +180,7 @@ def test_authenticated_operations_document_every_refusal(spec: dict[str, Any]) -
         "401": {"missing_credentials", "invalid_credentials", "key_revoked", "key_expired",
                 "invalid_token", "token_expired"},
         "403": {"insufficient_scope", "ip_not_allowed"},
-        "429": {"rate_limited"},
+        "429": {"rate_limited", "auth_throttled"},
         "503": {"store_unavailable", "rate_limit_unavailable"},
     }
     for path, method, op in _operations(spec):
@@ -474,6 +474,10 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
     limited = {"API-Key": issue(scopes=["secret:read"], rate_limit="1/minute").plaintext}
     call("get", "/secret", headers=limited, expect=200)
     call("get", "/secret", headers=limited, expect=429, code="rate_limited")
+    guesser = {"REMOTE_ADDR": "198.51.100.9"}  # an address of its own: 30 guesses, then even a good key
+    for _ in range(30):
+        call("get", "/secret", headers={"API-Key": "kg_guess"}, environ_base=guesser, expect=401)
+    call("get", "/secret", headers=rh, environ_base=guesser, expect=429, code="auth_throttled")
 
     # tokens
     call("post", "/tokens", headers=rh, expect=201)
@@ -542,6 +546,7 @@ def test_the_app_answers_as_documented(app, store: keys.MemoryKeyStore, spec: di
 
     with monkeypatch.context() as m:
         m.setattr(limiter, "hit", limiter_down)
+        m.setattr(limiter, "hit_unless", limiter_down)
         call("get", "/admin/keys", headers=admin, expect=503, code="rate_limit_unavailable")
     with monkeypatch.context() as m:  # readiness: a probe that fails, for each backend
         m.setattr(limiter, "ping", limiter_down)

@@ -38,7 +38,7 @@ EXAMPLE_ID = "Xk3v9QpL2mZa"  # in printed JSON only: the id of the key the reque
 EXAMPLE_REQUEST_ID = "4bf92f3577b34da6a3ce929d0e0e4736"  # stands for any generated request id
 PLACEHOLDER_ADMIN = re.compile(r"\bkg_\.\.\.")
 #: Rows that can't be run by pasting a command: they need waiting, or a backing service down.
-NOT_RUNNABLE = {"key_expired", "token_expired", "store_unavailable", "rate_limit_unavailable"}
+NOT_RUNNABLE = {"key_expired", "token_expired", "auth_throttled", "store_unavailable", "rate_limit_unavailable"}
 
 pytestmark = pytest.mark.slow
 

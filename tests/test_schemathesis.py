@@ -195,10 +195,12 @@ def _wrong_credentials(store: keys.KeyStore) -> Iterator[tuple[str, str]]:
 
 
 def start_fresh_app(instance_path: Path) -> None:
-    """A new app and store, with a rate limit that fuzzing can't reach, an admin key and a token."""
+    """A new app and store, with rate limits that fuzzing can't reach (its own key's, and the
+    throttle of the wrong credentials it sends on purpose), an admin key and a token."""
     store = keys.MemoryKeyStore()
     app = create_app({"DATABASE_URL": "memory://", "SECRET_KEY": strong_secret(),
-                      "INSTANCE_PATH": str(instance_path), "DEFAULT_RATE_LIMIT": "1000000/minute"}, store=store)
+                      "INSTANCE_PATH": str(instance_path), "DEFAULT_RATE_LIMIT": "1000000/minute",
+                      "AUTH_FAILURE_LIMIT": "1000000/minute"}, store=store)
     TARGET.app = app
     TARGET.admin = keys.issue_key(store, name="fuzz-admin", scopes=["admin"], actor="test").plaintext
     minted = app.test_client().post("/tokens", headers={"API-Key": TARGET.admin}, json={"scopes": ["data:read"]})

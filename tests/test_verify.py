@@ -243,7 +243,7 @@ def test_a_repeated_unknown_id_reaches_the_store_once_per_revision_check(store, 
     """Forged, checksum-valid keys with one unknown id: 500 requests were 500+ store round trips,
     against a handful for a real id with a wrong secret. Now both cost the same: a lookup
     when first seen, then none until the next revision check (0.5 s)."""
-    app = make_app(store)
+    app = make_app(store, AUTH_FAILURE_LIMIT="10000/minute")  # 1,000 bad keys on purpose
     client = app.test_client()
     real = issue(store)
     calls = {"get": 0, "revision": 0}
