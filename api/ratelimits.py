@@ -41,6 +41,7 @@ class RateLimits:
         self.fail_open = fail_open
         self.backends = backends
         self.auth_failure_limit = None if auth_failure_limit is None else parse_rate_limit(auth_failure_limit)
+        self._guards: dict[str | None, Counter] = {}  # per REMOTE_ADDR: built once, not per request
         auth.after_identification(self._on_request)  # 403s for scope count too
         auth.after_authentication(self._on_authorised)
         if self.auth_failure_limit is not None:
@@ -63,20 +64,21 @@ class RateLimits:
         self._on_request(principal)
 
     def _on_request(self, principal: Principal) -> None:
-        guard = self._guard()
+        environ = request.environ
+        guard = self._guard(environ)
         try:
             if guard is None:
-                state: LimitState | None = self.limiter.hit(principal.key_id, self.limit_for(principal))
+                throttled, state = None, self.limiter.hit(principal.key_id, self.limit_for(principal))
             else:  # one step: the address's refused credentials checked, the key's hit counted
-                checked, state = self.limiter.hit_unless(principal.key_id, self.limit_for(principal), guard)
+                throttled, state = self.limiter.hit_unless(principal.key_id, self.limit_for(principal), guard)
         except RateLimitUnavailable as e:
             self._unavailable(e)
             return
         if self.backends is not None:
             self.backends.ok("rate_limiter")
-        if state is None:
-            raise self._throttled(checked)
-        request.environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
+        if throttled is not None or state is None:
+            raise self._throttled(throttled)
+        environ[ENVIRON_KEY] = state  # for the response's headers, refusal or not
         if not state.allowed:
             self.usage.limited(principal.key_id)
             raise RateLimited(
@@ -89,7 +91,7 @@ class RateLimits:
         address's refused credentials. Once they are spent, it and every other checked
         credential (a revoked key, an expired token, a key from outside its allow-list) get
         429 instead of what the check found: those would confirm a guess too."""
-        guard = self._guard()
+        guard = self._guard(request.environ)
         if guard is None or not isinstance(error, AuthenticationError | IpNotAllowed) \
                 or isinstance(error, MissingCredentials):
             return  # nothing was checked (none or two credentials), or checked with the key's hit
@@ -104,13 +106,23 @@ class RateLimits:
         if not state.allowed:
             raise self._throttled(state)
 
-    def _guard(self) -> Counter | None:
-        """The current client address's counter of refused credentials, if they are limited."""
-        if self.auth_failure_limit is None:
+    def _guard(self, environ: dict[str, Any]) -> Counter | None:
+        """The request's client address's counter of refused credentials, if they are limited.
+        (``REMOTE_ADDR`` is what ``request.remote_addr`` reads, after ProxyFix.)"""
+        limit = self.auth_failure_limit
+        if limit is None:
             return None
-        return Counter(client_address(request.remote_addr), self.auth_failure_limit, AUTH_FAILURE_NAMESPACE)
+        remote = environ.get("REMOTE_ADDR")
+        guard = self._guards.get(remote)
+        if guard is None or guard.limit is not limit:
+            if len(self._guards) >= 10_000:
+                self._guards.clear()
+            guard = self._guards[remote] = Counter(client_address(remote), limit, AUTH_FAILURE_NAMESPACE)
+        return guard
 
-    def _throttled(self, state: LimitState) -> AuthThrottled:
+    def _throttled(self, state: LimitState | None) -> AuthThrottled:
+        if state is None:  # a limiter that broke its contract: throttled, for a second
+            return AuthThrottled("too many refused credentials from this address", retry_after=1)
         return AuthThrottled(f"too many refused credentials from this address ({state.limit}); "
                              f"retry in {state.retry_after} s", retry_after=state.retry_after)
 

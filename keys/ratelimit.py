@@ -86,15 +86,15 @@ class Limiter(ABC):
         """What ``hit`` would answer now, counting nothing."""
 
     def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
-                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState | None, LimitState | None]:
         """Peek at ``guard``; only if a hit on it would pass, count one for ``name``.
-        Returns the guard's state and ``name``'s (``None`` when the guard refused).
+        Returns ``(the guard's state, None)`` when the guard refused, else ``(None, name's state)``.
 
         The backends here do both in one step; this fallback (for other limiters) in two."""
         checked = self.peek(guard.name, guard.limit, now, guard.namespace)
         if not checked.allowed:
             return checked, None
-        return checked, self.hit(name, limit, now, namespace)
+        return None, self.hit(name, limit, now, namespace)
 
     def ping(self) -> None:
         """Raise ``RateLimitUnavailable`` if the limit store doesn't answer (readiness
@@ -150,6 +150,7 @@ _MAGIC = b"KGRL0002"  # 0002: the slot count follows in the header (0001 had non
 _HEADER = 64
 _SLOT = struct.Struct("<16sd")  # cell name (NUL-padded), theoretical arrival time
 _PROBES = 16
+_NEVER_WRITTEN = bytes(16)
 _MAX_CELLS = 100_000  # per-process memo of where cells live; a full memo starts over
 
 
@@ -220,7 +221,7 @@ class SharedMemoryLimiter(Limiter):
         return limit_state(allowed, ahead, limit, interval)
 
     def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
-                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState | None, LimitState | None]:
         guard_cell = self._cell(guard.name, guard.namespace)
         cell = self._cell(name, namespace)
         guard_interval = guard.limit.period / guard.limit.amount
@@ -235,8 +236,9 @@ class SharedMemoryLimiter(Limiter):
                     allowed, ahead = self._step(cell, now, limit.period, interval, True)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        checked = limit_state(passed, guard_ahead, guard.limit, guard_interval)
-        return checked, limit_state(allowed, ahead, limit, interval) if passed else None
+        if not passed:
+            return limit_state(False, guard_ahead, guard.limit, guard_interval), None
+        return None, limit_state(allowed, ahead, limit, interval)
 
     def _step(self, cell: list[Any], now: float, period: float, interval: float,
               count: bool) -> tuple[bool, float]:
@@ -275,13 +277,19 @@ class SharedMemoryLimiter(Limiter):
         return cell
 
     def _find(self, name: bytes, start: int, now: float) -> tuple[int, float]:
-        """The cell for ``name`` (its stored time) or a free/oldest one (time 0)."""
+        """The cell for ``name`` (its stored time) or a free/oldest one (time 0).
+
+        A never-written slot ends the search: cells go into the first free slot of their
+        sequence and are never removed, so none lies beyond one. (Counters that are only
+        ever peeked, such as a well-behaved client's refused credentials, cost one probe.)"""
         victim, victim_tat = -1, math.inf
         for i in range(_PROBES):
             offset = _HEADER + ((start + i) % self.slots) * _SLOT.size
             stored, tat = _SLOT.unpack_from(self._map, offset)
             if stored == name:
                 return offset, tat
+            if stored == _NEVER_WRITTEN:
+                return (offset if victim_tat > 0 else victim), 0.0
             if tat <= now or not stored.strip(b"\0"):
                 if victim_tat > 0:  # the first free cell wins over any busy one
                     victim, victim_tat = offset, 0.0
@@ -361,7 +369,7 @@ class MemoryLimiter(Limiter):
         return limit_state(allowed, ahead, limit, interval)
 
     def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
-                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState | None, LimitState | None]:
         check_namespace(guard.namespace)
         check_namespace(namespace)
         guard_interval = guard.limit.period / guard.limit.amount
@@ -373,8 +381,9 @@ class MemoryLimiter(Limiter):
                                              guard_interval, False)
             if passed:
                 allowed, ahead = self._step((namespace, name), now, limit.period, interval, True)
-        checked = limit_state(passed, guard_ahead, guard.limit, guard_interval)
-        return checked, limit_state(allowed, ahead, limit, interval) if passed else None
+        if not passed:
+            return limit_state(False, guard_ahead, guard.limit, guard_interval), None
+        return None, limit_state(allowed, ahead, limit, interval)
 
     def _step(self, cell: tuple[str, str], now: float, period: float, interval: float,
               count: bool) -> tuple[bool, float]:

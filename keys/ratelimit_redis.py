@@ -230,14 +230,13 @@ class RedisLimiter(Limiter):
         return limit_state(allowed == 1, float(ahead), limit, limit.period / limit.amount)
 
     def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
-                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState, LimitState | None]:
+                   namespace: str = KEY_NAMESPACE) -> tuple[LimitState | None, LimitState | None]:
         clock = b"" if now is None else repr(float(now)).encode()
         keys = (self.cell(guard.name, guard.namespace), self.cell(name, namespace))
         answer = self._run(GUARDED_LUA, keys, (*self._limit_args(guard.limit), clock, *self._limit_args(limit)))
-        checked = limit_state(answer[0] == 1, float(answer[1]), guard.limit, guard.limit.period / guard.limit.amount)
         if answer[0] != 1:
-            return checked, None
-        return checked, limit_state(answer[2] == 1, float(answer[3]), limit, limit.period / limit.amount)
+            return limit_state(False, float(answer[1]), guard.limit, guard.limit.period / guard.limit.amount), None
+        return None, limit_state(answer[2] == 1, float(answer[3]), limit, limit.period / limit.amount)
 
     def ping(self) -> None:
         try:

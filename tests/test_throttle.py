@@ -71,11 +71,11 @@ def test_hit_unless_counts_the_hit_only_while_the_guard_has_room(backends):  # n
         answers[label] = steps
     expected = answers["shared-memory"]
     assert all(got == expected for got in answers.values()), answers
-    (checked, first), _, _, (spent, nothing), second, (later, third) = expected
-    assert checked.allowed and first is not None and first.allowed and first.remaining == 4
-    assert not spent.allowed and nothing is None and spent.retry_after == 29
+    (unthrottled, first), _, _, (spent, nothing), second, (unthrottled_later, third) = expected
+    assert unthrottled is None and first is not None and first.allowed and first.remaining == 4
+    assert spent is not None and not spent.allowed and nothing is None and spent.retry_after == 29
     assert second.remaining == 3  # one counted before, one now: never the refused one
-    assert later.allowed and third is not None and third.allowed
+    assert unthrottled_later is None and third is not None and third.allowed
     # The guard was only ever peeked by hit_unless: still one guess of room, not zero.
     lim = backends["memory"]
     assert lim.hit(guard.name, guard.limit, now=T0 + 31, namespace=guard.namespace).allowed
