@@ -10,6 +10,7 @@ few Python threads.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing.util
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 from keys.redact import redact
 
-from .accesslog import AccessLog, WSGIApp
+from .accesslog import AccessLog, WSGIApp, flush_access_logs
 from .metrics import clean_directory
 
 #: Descriptors kept back from connections for the store, logs and the rate-limit table.
@@ -78,7 +79,7 @@ def logging_config(log_format: str = "text") -> dict[str, Any]:
         "handlers": {
             "console": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
                         "formatter": "generic", "filters": ["redact", "request_id"]},
-            "access": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+            "access": {"class": "api.accesslog.BatchedStreamHandler", "stream": "ext://sys.stdout",
                        "formatter": "access"},
         },
         "loggers": {
@@ -115,8 +116,13 @@ def load_worker_app(target: str) -> WSGIApp:
         # granian's workers are multiprocessing processes, which end with os._exit(), past
         # atexit; multiprocessing's own finalizers still run once the worker has drained.
         multiprocessing.util.Finalize(None, close, exitpriority=10)
+    multiprocessing.util.Finalize(None, flush_access_logs, exitpriority=1)  # after the app's close
     for name in [n for n in os.environ if n.startswith(_SECRET_ENV_PREFIX)]:
         del os.environ[name]
+    # What the app built at start-up lives as long as the worker: out of the collector's
+    # sight, so the full collections that a request's garbage triggers don't walk it again.
+    gc.collect()
+    gc.freeze()
     return AccessLog(app)
 
 

@@ -219,6 +219,10 @@ class Server:
         return requests.request(method, self.url + path, timeout=10, verify=self.verify, **kw)
 
     def output(self) -> str:
+        if self.proc.poll() is None:  # the access log is written out in batches: wait for the last one
+            from api.accesslog import ACCESS_LOG_INTERVAL
+
+            time.sleep(ACCESS_LOG_INTERVAL + 0.15)
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")

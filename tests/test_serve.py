@@ -92,6 +92,19 @@ def test_keep_alive_serves_many_requests_on_one_connection(env, key, start_serve
 
 
 @slow
+def test_the_access_log_keeps_the_last_requests_of_a_server_that_stops(env, key, start_server):
+    """The access log is written out in batches (every 0.25 s at most): a worker that exits
+    writes out what it still holds."""
+    server = start_server(workers=2)
+    with requests.Session() as s:
+        for _ in range(20):
+            assert s.get(server.url + "/secret", headers={"API-Key": key}, timeout=5).status_code == 200
+    server.proc.terminate()  # at once: the lines of the last requests are still in the batch
+    server.proc.wait(20)
+    assert server.output().count('"GET /secret HTTP/1.1" 200') == 20
+
+
+@slow
 def test_an_oversized_request_head_is_refused_and_the_server_carries_on(env, key, start_server):
     server = start_server()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
