@@ -404,6 +404,7 @@ def test_a_bad_audit_retention_names_the_variable(value):
     assert "KEYGATE_AUDIT_RETENTION" in str(info.value)
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_a_hostile_os_user_name_cannot_forge_an_audit_line(env):
     """LOGNAME with a newline and an escape sequence: stored escaped, one line per event."""
     hostile = {**env, "LOGNAME": "evil\nline2 2026-01-01T00:00:00Z  revoke  AAAAAAAAAAAA  cli:root\x1b[2J",

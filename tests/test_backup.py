@@ -126,6 +126,7 @@ def test_a_bad_export_is_refused_naming_the_line_and_nothing_is_written(
     assert store.count() == 0
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_the_cli_moves_keys_from_sqlite_to_postgresql(env: dict[str, str], tmp_path: Path,
                                                      request: pytest.FixtureRequest) -> None:
     created = run_cli(env, "init", "--json")

@@ -144,6 +144,7 @@ def test_usage_retention_is_configurable_and_checked(tmp_path):
 # -- the CLI --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_update_key_and_usage_from_the_cli(env, cli_store):
     key = issue_key(cli_store, name="svc", scopes=["secret:read", "data:read"]).record
     done = run_cli(env, "update-key", key.id, "--scope", "data:read", "--rate-limit", "9/minute",
@@ -167,6 +168,7 @@ def test_update_key_and_usage_from_the_cli(env, cli_store):
     assert text.returncode == 0 and "total" in text.stdout and " 3 " in text.stdout
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 @pytest.mark.parametrize("args, names", [
     (("update-key", "AAAAAAAAAAAA", "--name", "x"), "no key"),
     (("update-key", "{id}"), "nothing to change"),
@@ -186,6 +188,7 @@ def test_cli_refusals_are_one_line(env, cli_store, args, names):
     assert cli_store.get(key.id) == key
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_a_revoked_key_cannot_be_edited_from_the_cli(env, cli_store):
     key = issue_key(cli_store, name="svc", scopes=["data:read"]).record
     cli_store.revoke(key.id, time.time())

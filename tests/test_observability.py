@@ -282,6 +282,7 @@ def test_the_backend_gauge_shows_an_outage_of_the_rate_limiter(mem, monkeypatch)
 # -- /readyz ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_readyz_answers_within_its_budget_when_a_backend_hangs(mem, monkeypatch) -> None:  # noqa: ANN001
     store, app, client = mem
     release = threading.Event()

@@ -186,6 +186,7 @@ def timed(call, limit: float = 5.0):  # noqa: ANN001, ANN201
     return box[0], time.monotonic() - started
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_a_database_that_stops_answering_gets_503_within_2_s_and_recovery_needs_no_restart(proxied_pg, tmp_path):
     url, proxy = proxied_pg
     store = open_store(url)

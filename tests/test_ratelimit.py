@@ -195,6 +195,7 @@ def _hammer(path: str, key: str, hits: int, start, out, index: int) -> None:  # 
     lim.close()
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_shared_memory_is_exact_across_processes(tmp_path):
     """Four processes (server workers, say) opening the same file share one limit:
     40,000 hits against 20,000/day give exactly 20,000 successes in total."""
@@ -225,6 +226,7 @@ def _hammer_inherited(lim: SharedMemoryLimiter, key: str, hits: int, start, out,
     out[index] = sum(lim.hit(key, PROCESS_LIMIT).allowed for _ in range(hits))
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_shared_memory_is_exact_in_workers_forked_after_it_was_opened(tmp_path):
     """A server that opens the table and then forks its workers (a preloading server):
     every child must lock on its own, or the ``flock`` they inherit excludes nobody and
@@ -259,6 +261,7 @@ def _keep_hitting(path: str, slots: int, ready, stop, out) -> None:  # noqa: ANN
     lim.close()
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_another_layout_never_crashes_a_process_that_has_the_table_mapped(tmp_path):
     """A process opening the same file with another layout (a keygate upgrade starting beside
     the old one) must leave the running one alone: truncating a file that another process

@@ -227,6 +227,7 @@ def _watch(monitor, action, other, marker: str) -> list[str]:  # noqa: ANN001
 
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_a_hit_is_one_evalsha(private_redis):
     lim, limit = RedisLimiter(private_redis.url, prefix="kg:"), RateLimit(1000, "minute")
     first = commands_during(private_redis, lambda: lim.hit("roundtrip001", limit))
@@ -238,6 +239,7 @@ def test_a_hit_is_one_evalsha(private_redis):
     lim.close()
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_redis_killed_then_restarted_needs_no_restart_of_ours(private_redis):
     lim, limit = RedisLimiter(private_redis.url, prefix="kg:"), RateLimit(3, "minute")
     assert [lim.hit("restart00001", limit).remaining for _ in range(2)] == [2, 1]
@@ -256,6 +258,7 @@ def test_redis_killed_then_restarted_needs_no_restart_of_ours(private_redis):
     lim.close()
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_a_hung_redis_costs_under_a_second_and_keeps_its_counts(private_redis):
     lim, limit = RedisLimiter(private_redis.url, prefix="kg:"), RateLimit(5, "minute")
     assert lim.hit("hungkey00001", limit).remaining == 4
@@ -304,6 +307,7 @@ def assert_unavailable(resp) -> None:  # noqa: ANN001
     assert "RateLimit" not in resp.headers
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_an_app_answers_503_while_redis_is_down_and_recovers_by_itself(private_redis, redis_app):
     client, key = redis_app()
     assert ratelimit_field(client.get("/secret", headers=key)) == (9, 6)
@@ -323,6 +327,7 @@ def test_an_app_answers_503_while_redis_is_down_and_recovers_by_itself(private_r
     assert resp.status_code == 200 and ratelimit_field(resp)[0] == 9  # a fresh Redis, a fresh quota
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_an_app_told_to_fail_open_lets_requests_through_while_redis_is_hung(private_redis, redis_app):
     client, key = redis_app(RATELIMIT_FAIL_OPEN="1")
     private_redis.pause()

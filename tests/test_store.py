@@ -292,6 +292,7 @@ def test_a_second_store_on_the_same_url_sees_writes_at_once(store, store_url):
         other.close()
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 @SQL_ONLY
 def test_another_process_sees_a_revocation(store, store_url):
     issued = issue_key(store, name="cross-process", scopes=["secret:read"])

@@ -81,6 +81,7 @@ def test_hit_unless_counts_the_hit_only_while_the_guard_has_room(backends):  # n
     assert lim.hit(guard.name, guard.limit, now=T0 + 31, namespace=guard.namespace).allowed
 
 
+@pytest.mark.slow  # a private redis-server of its own (a subprocess)
 def test_with_the_throttle_an_authenticated_request_is_still_one_evalsha(private_redis):  # noqa: F811
     lim = RedisLimiter(private_redis.url, prefix="kg:")
     guard = Counter("192.0.2.7", MINUTE, "authfail")

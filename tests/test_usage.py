@@ -213,6 +213,7 @@ def test_counts_after_close_get_a_new_flusher(memory_store):
     usage.close()
 
 
+@pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_a_forked_child_counts_only_its_own_requests(memory_store):
     """A child forked from a process that counted (a pre-forking server) starts with no
     pending counts (the parent writes those) and a flusher of its own."""
