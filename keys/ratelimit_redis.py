@@ -12,8 +12,8 @@ own and, when Redis answers ``NOSCRIPT`` (first use, a restart, a failover), loa
 the script and repeats the call once.
 
 ``peek`` and ``hit_unless`` (a key's hit, counted only while its client address has
-refused credentials to spare) are one more script, ``GUARDED_LUA``, also one round trip.
-It touches two counters with different hash tags, so it needs one Redis (or a
+refused credentials to spare) run the same script, also in one round trip. ``hit_unless``
+touches two counters with different hash tags, so it needs one Redis (or a
 Sentinel-managed primary), not a Redis Cluster.
 
 Layout: one string per counter, ``<prefix>rl:<namespace>:{<name>}`` (a key's cell:
@@ -41,57 +41,36 @@ TIMEOUT = 0.5
 
 _PREFIX_RE = re.compile(r"[!-z|~]{1,64}")  # printable ASCII but space and braces (hash tags)
 
+# KEYS[1]: the counter; KEYS[2], if given: a guard, peeked first and never written.
+# ARGV: the counter's period and interval, the test clock or '', 'hit' or 'peek', the
+# guard's period and interval. Returns {allowed, ahead} for the counter, or
+# {0, the guard's ahead, 'guard'} when the guard is spent (nothing counted).
 GCRA_LUA = """
-local period, interval = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now, slack = ARGV[3] and tonumber(ARGV[3]), 0
+local now, slack = tonumber(ARGV[3]), 0
 if now == nil then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 else
   slack = 3600000  -- the clock of a test: the real one must not expire the cell meanwhile
 end
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if not (tat >= now) then tat = now elseif tat > now + period then tat = now + period end
-local new_tat = tat + interval
-local ahead = new_tat - now
-if ahead <= period + 1e-9 then
+local function step(key, period, interval)  -- gcra_step: the TAT to store, how far ahead, allowed
+  local tat = tonumber(redis.call('GET', key)) or now
+  if not (tat >= now) then tat = now elseif tat > now + period then tat = now + period end
+  local new_tat = tat + interval
+  local ahead = new_tat - now
+  return new_tat, ahead, ahead <= period + 1e-9
+end
+if KEYS[2] then
+  local _, gahead, gallowed = step(KEYS[2], tonumber(ARGV[5]), tonumber(ARGV[6]))
+  if not gallowed then return {0, string.format('%.17g', gahead), 'guard'} end
+end
+local new_tat, ahead, allowed = step(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if not allowed then return {0, string.format('%.17g', ahead)} end
+if ARGV[4] ~= 'peek' then
   local ttl = math.max(1, math.ceil(ahead * 1000)) + slack
   redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
-  return {1, string.format('%.17g', ahead)}
 end
-return {0, string.format('%.17g', ahead)}
-"""
-
-
-# KEYS[1]: the guard (peeked, never written); KEYS[2], if given: the counter to hit.
-# ARGV: the guard's period and interval, the test clock or '', the counter's period and
-# interval. Returns {0, guard ahead} (guard spent), {1, guard ahead} (a peek), or
-# {1, guard ahead, allowed, ahead}.
-GUARDED_LUA = """
-local now, slack = tonumber(ARGV[3]), 0
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-else
-  slack = 3600000
-end
-local gperiod, ginterval = tonumber(ARGV[1]), tonumber(ARGV[2])
-local g = tonumber(redis.call('GET', KEYS[1])) or now
-if not (g >= now) then g = now elseif g > now + gperiod then g = now + gperiod end
-local gahead = (g + ginterval) - now
-if not (gahead <= gperiod + 1e-9) then return {0, string.format('%.17g', gahead)} end
-if KEYS[2] == nil then return {1, string.format('%.17g', gahead)} end
-local period, interval = tonumber(ARGV[4]), tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[2])) or now
-if not (tat >= now) then tat = now elseif tat > now + period then tat = now + period end
-local new_tat = tat + interval
-local ahead = new_tat - now
-if ahead <= period + 1e-9 then
-  local ttl = math.max(1, math.ceil(ahead * 1000)) + slack
-  redis.call('SET', KEYS[2], string.format('%.17g', new_tat), 'PX', ttl)
-  return {1, string.format('%.17g', gahead), 1, string.format('%.17g', ahead)}
-end
-return {1, string.format('%.17g', gahead), 0, string.format('%.17g', ahead)}
+return {1, string.format('%.17g', ahead)}
 """
 
 
@@ -148,7 +127,7 @@ class RedisLimiter(Limiter):
         except (ValueError, TypeError) as e:
             raise ConfigError(str(e)) from None
         self._redis = redis
-        self._scripts = {GCRA_LUA: _sha1(GCRA_LUA), GUARDED_LUA: _sha1(GUARDED_LUA)}
+        self._sha = _sha1(GCRA_LUA)
         self.prefix = prefix
         self._heads: dict[str, str] = {}
         self._args: dict[RateLimit, tuple[bytes, bytes]] = {}
@@ -167,19 +146,18 @@ class RedisLimiter(Limiter):
                 self._connections.add(conn)
         return conn
 
-    def _evalsha(self, script: str, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
+    def _evalsha(self, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
         redis = self._redis
         conn = self._connection()
-        sha = self._scripts[script]
         for attempt in (1, 2):
             try:
                 try:
-                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                    conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
                     return conn.read_response()
                 except redis.exceptions.NoScriptError:  # first use, or Redis lost its scripts
-                    conn.send_command("SCRIPT", "LOAD", script)
+                    conn.send_command("SCRIPT", "LOAD", GCRA_LUA)
                     conn.read_response()
-                    conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+                    conn.send_command("EVALSHA", self._sha, len(keys), *keys, *args)
                     return conn.read_response()
             except redis.ConnectionError:
                 conn.disconnect()  # reconnects on the next command
@@ -210,33 +188,29 @@ class RedisLimiter(Limiter):
             fixed = self._args[limit] = (str(limit.period).encode(), repr(interval).encode())
         return fixed
 
-    def _run(self, script: str, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
+    def _run(self, keys: tuple[str, ...], args: tuple[bytes, ...]) -> Any:
         try:
-            return self._evalsha(script, keys, args)
+            return self._evalsha(keys, args)
         except self._redis.RedisError as e:
             raise RateLimitUnavailable(f"the rate-limit store is unreachable ({type(e).__name__})") from e
 
     def hit(self, name: str, limit: RateLimit, now: float | None = None,
             namespace: str = KEY_NAMESPACE) -> LimitState:
-        fixed = self._limit_args(limit)
-        args: tuple[bytes, ...] = fixed if now is None else (*fixed, repr(float(now)).encode())
-        allowed, ahead = self._run(GCRA_LUA, (self.cell(name, namespace),), args)
+        allowed, ahead = self._run((self.cell(name, namespace),), (*self._limit_args(limit), _clock(now), b"hit"))
         return limit_state(allowed == 1, float(ahead), limit, limit.period / limit.amount)
 
     def peek(self, name: str, limit: RateLimit, now: float | None = None,
              namespace: str = KEY_NAMESPACE) -> LimitState:
-        clock = b"" if now is None else repr(float(now)).encode()
-        allowed, ahead = self._run(GUARDED_LUA, (self.cell(name, namespace),), (*self._limit_args(limit), clock))
+        allowed, ahead = self._run((self.cell(name, namespace),), (*self._limit_args(limit), _clock(now), b"peek"))
         return limit_state(allowed == 1, float(ahead), limit, limit.period / limit.amount)
 
     def hit_unless(self, name: str, limit: RateLimit, guard: Counter, now: float | None = None,
                    namespace: str = KEY_NAMESPACE) -> tuple[LimitState | None, LimitState | None]:
-        clock = b"" if now is None else repr(float(now)).encode()
-        keys = (self.cell(guard.name, guard.namespace), self.cell(name, namespace))
-        answer = self._run(GUARDED_LUA, keys, (*self._limit_args(guard.limit), clock, *self._limit_args(limit)))
-        if answer[0] != 1:
+        keys = (self.cell(name, namespace), self.cell(guard.name, guard.namespace))
+        answer = self._run(keys, (*self._limit_args(limit), _clock(now), b"hit", *self._limit_args(guard.limit)))
+        if len(answer) == 3:  # the guard is spent
             return limit_state(False, float(answer[1]), guard.limit, guard.limit.period / guard.limit.amount), None
-        return None, limit_state(answer[2] == 1, float(answer[3]), limit, limit.period / limit.amount)
+        return None, limit_state(answer[0] == 1, float(answer[1]), limit, limit.period / limit.amount)
 
     def ping(self) -> None:
         try:
@@ -251,6 +225,12 @@ class RedisLimiter(Limiter):
             conn.disconnect()
         self._local = threading.local()
         self._client.close()
+
+
+def _clock(now: float | None) -> bytes:
+    """The script's clock argument: empty for Redis' own ``TIME``, else a test's clock
+    (``repr``: the shortest text that parses back to the same double)."""
+    return b"" if now is None else repr(float(now)).encode()
 
 
 def _sha1(script: str) -> str:
