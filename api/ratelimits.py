@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, request
 
 from keys import KeyAuth
+from keys.auth import PRINCIPAL_ENVIRON_KEY
 from keys.exc import AuthenticationError, AuthThrottled, IpNotAllowed, KeygateError, MissingCredentials, RateLimited
 from keys.model import Principal
 from keys.parse import RateLimit, parse_rate_limit
@@ -43,10 +44,9 @@ class RateLimits:
         self.auth_failure_limit = None if auth_failure_limit is None else parse_rate_limit(auth_failure_limit)
         self._guards: dict[str | None, Counter] = {}  # per REMOTE_ADDR: built once, not per request
         auth.after_identification(self._on_request)  # 403s for scope count too
-        auth.after_authentication(self._on_authorised)
         if self.auth_failure_limit is not None:
             auth.before_refusal(self._on_refusal)
-        app.response_class = type("Response", (RateLimitHeaders, app.response_class), {})
+        app.response_class = type("Response", (RateLimitHeaders, app.response_class), {"usage": usage})
         app.extensions["keygate.ratelimits"] = self
 
     @staticmethod
@@ -135,9 +135,6 @@ class RateLimits:
         if not self.fail_open:
             raise e
 
-    def _on_authorised(self, principal: Principal) -> None:
-        self.usage.hit(principal.key_id)  # use_count counts what the key was let do
-
 
 @lru_cache(maxsize=4096)
 def client_address(remote: str | None) -> str:
@@ -159,18 +156,28 @@ def client_address(remote: str | None) -> str:
 
 class RateLimitHeaders:
     """Response mixin: the rate-limit headers of the request's hit (every response to a
-    limited key, whatever built it), appended to the WSGI header list as it is sent.
+    limited key, whatever built it), appended to the WSGI header list as it is sent — and,
+    once the answer is known, the use: an authorised request answered below 400 counts
+    (``use_count``, the hour's accepted); one refused for its body or failed by the server
+    (a 503 when the store went away mid-request) does not.
 
     ``resp.headers[...] = …`` checks every value for line breaks and rewrites the
     list (4 µs for five headers, per request); these values are numbers keygate
-    formats itself, so they are appended as they are (0.6 µs).
+    formats itself, so they are appended as they are (0.6 µs). Counting here, not in an
+    after-request hook, spares every request Flask's hook dispatch.
     """
+
+    usage: UsageRecorder  # set on the app's response class by ``RateLimits``
+    status_code: int
 
     def get_wsgi_response(self, environ: dict[str, Any]) -> tuple[Any, str, list[tuple[str, str]]]:
         app_iter, status, headers = super().get_wsgi_response(environ)  # type: ignore[misc]
         state = environ.get(ENVIRON_KEY)
         if state is not None:
             headers.extend(header_items(state))
+        principal = environ.get(PRINCIPAL_ENVIRON_KEY)
+        if principal is not None and self.status_code < 400:
+            self.usage.hit(principal.key_id)
         return app_iter, status, headers
 
 

@@ -313,12 +313,18 @@ def _bench_app(fixture: Fixture, instance_path: Path, **settings: str) -> BenchA
     return BenchApp(app, app.extensions["keygate"].auth, BASELINE_PATH)
 
 
+class _NoUsage:
+    def hit(self, key_id: str) -> None:
+        pass
+
+
 def auth_only_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     """The real app, minus the after-authentication hooks (rate limits, usage counts),
     so its rows measure key authentication alone."""
     bench = _bench_app(fixture, instance_path)
     bench.auth._after_identification.clear()  # noqa: SLF001
     bench.auth._after_auth.clear()  # noqa: SLF001
+    bench.app.response_class.usage = _NoUsage()  # type: ignore[attr-defined]  # uses are counted as responses go out
     return bench
 
 
@@ -329,7 +335,7 @@ def limits_usage_app(fixture: Fixture, instance_path: Path) -> BenchApp:
     bench = _bench_app(fixture, instance_path, DEFAULT_RATE_LIMIT=HUGE_RATE_LIMIT)
     limits = bench.app.extensions["keygate.ratelimits"]
     assert bench.auth._after_identification == [limits._on_request], "expected the rate-limit hook"  # noqa: SLF001
-    assert bench.auth._after_auth == [limits._on_authorised], "expected the usage hook only"  # noqa: SLF001
+    assert bench.auth._after_auth == [] and bench.app.response_class.usage is limits.usage  # noqa: SLF001
     assert type(limits.limiter).__name__ == "SharedMemoryLimiter", type(limits.limiter)
     return bench
 

@@ -106,6 +106,32 @@ def test_token_requests_are_the_parent_keys_usage(store, make_app):
     assert store.get(key_id).use_count == 5
 
 
+def test_a_request_let_in_that_then_fails_is_not_a_use(store, make_app, monkeypatch):
+    """``use_count`` counts successful uses: a request whose key passed but whose answer is a
+    400 (its body) or a 503 (the store went away mid-request) is no use. The soak found a mint
+    answered 503 during a PostgreSQL cut but counted."""
+    from keys import StoreUnavailable
+
+    app = make_app(store)
+    usage = app.extensions["keygate.usage"]
+    usage.interval = 3600
+    plaintext, key_id = new_key(store, scopes=["data:read"])
+    client = app.test_client()
+    h = {"API-Key": plaintext}
+    assert client.post("/tokens", headers=h, json={"ttl": -1}).status_code == 400
+
+    def store_gone(*_a: object, **_k: object) -> None:
+        raise StoreUnavailable("the key store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "summarize", store_gone)  # the mint's audit summary: a store write
+        assert client.post("/tokens", headers=h).status_code == 503
+    assert client.post("/tokens", headers=h).status_code == 201
+    usage.flush()
+    assert store.get(key_id).use_count == 1
+    assert sum(b.accepted for b in store.usage(key_id, 0, time.time() + 3600)) == store.get(key_id).use_count
+
+
 def test_flushes_from_several_workers_add_up_and_keep_the_latest_time(store):
     """Each worker flushes its own batch, in any order: counts add, ``last_used_at``
     never moves backwards."""
