@@ -116,6 +116,19 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return make_database_url(request.param, tmp_path, request)
 
 
+def migrate_up_to(conn, version: int) -> None:  # noqa: ANN001
+    """Apply the first ``version`` migrations on ``conn``, as a release that stopped there did
+    (an upgrade test's starting point)."""
+    import time as _time
+
+    from keys.store.schema import MIGRATIONS, schema_table
+
+    schema_table.create(conn)
+    for number, _what, apply in MIGRATIONS[:version]:
+        apply(conn)
+        conn.execute(schema_table.insert().values(version=number, applied_at=_time.time()))
+
+
 @pytest.fixture(scope="session")
 def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An initialised, empty SQLite store, copied for each test (migrating a new file each time

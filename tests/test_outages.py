@@ -100,6 +100,19 @@ class TcpProxy:
         self.listener.close()
 
 
+def app_behind_the_proxy(url: str, tmp_path: Path):  # noqa: ANN201
+    """(store, app, client, cached, unseen, admin): a migrated store behind the proxy, an app
+    on it, and three keys — one the tests use before the outage (so cached), one they don't,
+    and an admin key."""
+    store = open_store(url)
+    store.migrate()
+    cached = issue_key(store, name="cached", scopes=["secret:read"])
+    unseen = issue_key(store, name="unseen", scopes=["secret:read"])
+    admin = issue_key(store, name="admin", scopes=["admin"])
+    app = create_app({"DATABASE_URL": url, "INSTANCE_PATH": str(tmp_path)})
+    return store, app, app.test_client(), cached, unseen, admin
+
+
 @pytest.fixture
 def proxied_pg(request: pytest.FixtureRequest, tmp_path: Path):
     url = make_database_url("postgresql", tmp_path, request)
@@ -128,13 +141,7 @@ def test_a_killed_connection_is_replaced_transparently(proxied_pg, tmp_path: Pat
 def test_an_outage_is_503_never_500_and_never_a_stale_yes(proxied_pg, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     url, proxy = proxied_pg
-    store = open_store(url)
-    store.migrate()
-    cached = issue_key(store, name="cached", scopes=["secret:read"])
-    unseen = issue_key(store, name="unseen", scopes=["secret:read"])
-    admin = issue_key(store, name="admin", scopes=["admin"])
-    app = create_app({"DATABASE_URL": url, "INSTANCE_PATH": str(tmp_path)})
-    client = app.test_client()
+    store, app, client, cached, unseen, admin = app_behind_the_proxy(url, tmp_path)
     assert client.get("/secret", headers={"API-Key": cached.plaintext}).status_code == 200
     assert client.get("/admin/keys", headers={"API-Key": admin.plaintext}).status_code == 200
 
@@ -189,13 +196,7 @@ def timed(call, limit: float = 5.0):  # noqa: ANN001, ANN201
 @pytest.mark.slow  # a subprocess, other processes, or seconds of waiting
 def test_a_database_that_stops_answering_gets_503_within_2_s_and_recovery_needs_no_restart(proxied_pg, tmp_path):
     url, proxy = proxied_pg
-    store = open_store(url)
-    store.migrate()
-    cached = issue_key(store, name="cached", scopes=["secret:read"])
-    unseen = issue_key(store, name="unseen", scopes=["secret:read"])
-    admin = issue_key(store, name="admin", scopes=["admin"])
-    app = create_app({"DATABASE_URL": url, "INSTANCE_PATH": str(tmp_path)})
-    client = app.test_client()
+    store, app, client, cached, unseen, admin = app_behind_the_proxy(url, tmp_path)
     A = {"API-Key": admin.plaintext}
     assert client.get("/secret", headers={"API-Key": cached.plaintext}).status_code == 200
     assert client.get("/admin/keys", headers=A).status_code == 200

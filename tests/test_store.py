@@ -517,20 +517,16 @@ def test_an_unreadable_stored_allow_list_admits_nobody(store):
 def test_an_upgrade_to_schema_4_converts_allow_lists_and_keeps_events(store_url):
     """A store made by the first three migrations, with data, is upgraded in place; a fresh
     install ends with the same columns (the earlier migrations' tables are frozen)."""
-    import time
-
     import sqlalchemy as sa
 
-    from keys.store.schema import MIGRATIONS, audit_table, schema_table
+    from conftest import migrate_up_to
+    from keys.store.schema import audit_table
     from keys.verify import ip_allowed
 
     store = open_store(store_url)
     try:
         with store.engine.begin() as conn:
-            schema_table.create(conn)
-            for version, _what, apply in MIGRATIONS[:3]:
-                apply(conn)
-                conn.execute(schema_table.insert().values(version=version, applied_at=time.time()))
+            migrate_up_to(conn, 3)
             conn.execute(sa.text(
                 "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, allowed_ips, use_count,"
                 " generation) VALUES ('AAAAAAAAAAAA', 'old', :h, 'admin', 1.0, '10.0.0.0/8 ::1/128', 0, 0)"),

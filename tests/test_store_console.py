@@ -10,11 +10,12 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from conftest import migrate_up_to
 from keys import issue_key, open_store
 from keys.issuing import update_key
 from keys.model import AuditEvent, KeyFilter, SessionRecord
 from keys.store import SCHEMA_VERSION
-from keys.store.schema import MIGRATIONS, metadata, schema_table
+from keys.store.schema import metadata
 
 SQL_ONLY = pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
 HOUR = 3600
@@ -180,10 +181,7 @@ def test_a_store_from_before_the_console_is_upgraded_in_place(store_url):
     store = open_store(store_url)
     try:
         with store.engine.begin() as conn:
-            schema_table.create(conn)
-            for version, _what, apply in MIGRATIONS[:3]:
-                apply(conn)
-                conn.execute(schema_table.insert().values(version=version, applied_at=time.time()))
+            migrate_up_to(conn, 3)
         assert store.schema_version() == 3
         key = issue_key(store, name="kept", scopes=["data:read"]).record
         assert store.migrate() == SCHEMA_VERSION == 5
