@@ -251,7 +251,7 @@ def create_app(config: Mapping[str, Any] | None = None, *, store: KeyStore | Non
     )
     from .namespaces import admin_keys, health, operations, pages, tokens
 
-    api.add_namespace(health.ns)
+    api.add_namespace(health.namespace())
     for ns in [*operations.namespaces(auth), *pages.namespaces(auth), tokens.namespace(auth, signer),
                *admin_keys.namespaces(auth, usage)]:
         api.add_namespace(ns)
