@@ -534,9 +534,41 @@ def test_weak_secret_key(secret):
     assert len(weak) < 16 or weak not in message  # a real secret is never echoed
 
 
-@pytest.mark.parametrize("secret", [strong_secret(), "Zq8#tL1!" * 2 + strong_secret()[:24],
-                                    strong_secret() + "," + strong_secret()])
-def test_strong_secret_keys_are_accepted(secret, apps):
+@pytest.mark.slow
+def test_apps_closed_and_dropped_are_freed(tmp_path) -> None:  # noqa: ANN001
+    """Nothing module-level keeps an app alive (a Flask-RESTX Namespace remembers every Api it
+    joined): a test suite, or anything else that builds apps, held every app it built. In a
+    process of its own: this suite's fixtures keep each test's apps until its teardown."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = f"""
+import gc, weakref
+from api import create_app
+from keys.store import MemoryKeyStore
+refs = []
+for i in range(3):
+    app = create_app({{"DATABASE_URL": "memory://", "INSTANCE_PATH": {str(tmp_path)!r} + f"/app{{i}}",
+                      "SECRET_KEY": {strong_secret()!r}}}, store=MemoryKeyStore())
+    assert app.test_client().get("/healthz").status_code == 200
+    app.extensions["keygate.close"]()
+    refs.append(weakref.ref(app))
+    del app
+gc.collect()
+print(sum(ref() is not None for ref in refs))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("shape", ["one", "mixed", "two comma-separated"])
+def test_strong_secret_keys_are_accepted(shape, apps):
+    # Made in the test, not at collection: every xdist worker must collect the same ids.
+    secret = {"one": strong_secret(), "mixed": "Zq8#tL1!" * 2 + strong_secret()[:24],
+              "two comma-separated": strong_secret() + "," + strong_secret()}[shape]
     apps.append(create_app({"DATABASE_URL": "memory://", "SECRET_KEY": secret}, store=MemoryKeyStore()))
 
 
