@@ -84,7 +84,9 @@ from keys.tokens import TokenSigner
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi.yaml"
-pytestmark = pytest.mark.slow  # a fuzzer: over a minute of CPU, out of the `-m "not slow"` loop
+# A fuzzer: over a minute of CPU, out of the `-m "not slow"` loop. One xdist worker runs the
+# whole module (--dist loadgroup): its last test reads what the fuzzing runs before it saw.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("schemathesis")]
 EXAMPLES = int(os.environ.get("KEYGATE_FUZZ_EXAMPLES", "100"))
 DETERMINISTIC = os.environ.get("KEYGATE_FUZZ_RANDOM") != "1"
 #: Hypothesis's function-scoped-fixture warning is moot: each test *item* gets a fresh app on
