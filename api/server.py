@@ -14,6 +14,7 @@ import gc
 import logging
 import multiprocessing.util
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,19 @@ def load_worker_app(target: str) -> WSGIApp:
     return AccessLog(app)
 
 
+def _stop_at_once_until_serving() -> None:
+    """In each forked worker: granian sets the worker's stop handler only once the app is
+    built, and until then the worker runs the master's handler (inherited by fork), which
+    stops nothing: a stop right after start cost the whole grace period. A worker that has
+    served nothing has nothing to lose, so until granian takes over, a stop just exits."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_before_serving)
+
+
+def _exit_before_serving(signum: int, frame: Any) -> None:
+    os._exit(0)  # nothing served, nothing to flush: skip the interpreter's teardown
+
+
 def _route_stray_output_to_logging() -> None:
     """Warnings and uncaught exceptions in threads go through logging (redacted, and one
     JSON object under ``KEYGATE_LOG_FORMAT=json``) rather than raw onto stderr."""
@@ -196,4 +210,5 @@ def serve(options: ServeOptions, target: str = "api:create_app") -> None:
     )
     if options.metrics_dir is not None:
         clean_directory(options.metrics_dir)  # here, in the master, before any worker starts
+    os.register_at_fork(after_in_child=_stop_at_once_until_serving)
     server.serve(target_loader=load_worker_app)

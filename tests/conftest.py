@@ -366,7 +366,10 @@ class Server:
             self._log.close()
             # Every server of the suite, whatever its test did: nothing it printed may hold
             # a key or a token (the access log redacts them; nothing else may print them).
-            assert_no_credentials(self.output(), f"output of the server on port {self.port}")
+            output = self.output()
+            assert_no_credentials(output, f"output of the server on port {self.port}")
+            # granian's master says so when a worker outlived the grace period of a stop.
+            assert "refused to gracefully stop" not in output, f"a worker ignored the stop:\n{output[-3000:]}"
 
 
 @pytest.fixture

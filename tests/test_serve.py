@@ -4,6 +4,7 @@ don't play nicely (idle, slow, oversized) against a real server process."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -16,7 +17,7 @@ import pytest
 import requests
 
 from api.config import default_workers, load_serve_settings
-from conftest import free_port, invoke_cli, run_cli, wait_for_workers
+from conftest import ROOT, free_port, invoke_cli, run_cli, wait_for_workers
 from keys import ConfigError
 
 slow = pytest.mark.slow
@@ -102,6 +103,50 @@ def test_the_access_log_keeps_the_last_requests_of_a_server_that_stops(env, key,
     server.proc.terminate()  # at once: the lines of the last requests are still in the batch
     server.proc.wait(20)
     assert server.output().count('"GET /secret HTTP/1.1" 200') == 20
+
+
+def _children(pid: int) -> dict[int, bool]:
+    """``pid``'s child processes, each with whether it has built the app yet (Linux: its
+    maps hold the rate-limit table that create_app opens)."""
+    found = {}
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(child)] = "/ratelimits-" in Path(f"/proc/{child}/maps").read_text()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@slow
+def test_a_server_stopped_while_its_workers_start_exits_at_once(env, key, tmp_path):
+    """A stop right after start (a deploy rolled back, ``docker stop``) reached workers
+    still building the app, whose stop handler was not set yet: they ignored it until
+    the master killed them after the full grace period."""
+    caught = 0
+    for attempt in range(5):
+        with open(tmp_path / f"serve-{attempt}.log", "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(free_port()), "--workers", "2"],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 30
+                while len(children := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                loading = not any(children.values())
+                proc.terminate()
+                started = time.monotonic()
+                proc.wait(timeout=30)
+                took = time.monotonic() - started
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if loading:
+            caught += 1
+            assert took < 5, f"stopped while its workers loaded the app: exit took {took:.1f} s"
+    assert caught, "the stop never landed while the workers were loading the app"
 
 
 @slow
