@@ -33,7 +33,7 @@ SPEC_PATH = ROOT / "openapi.yaml"
 PACKAGE = "keygate_client"  # openapi-python-client names it after info.title
 MAX_MODEL_FILES = 40
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("generated_client")]  # one worker: the client is generated once
 
 
 def generate(cwd: Path, *args: str) -> Path:

@@ -22,7 +22,7 @@ import requests
 
 from conftest import ROOT, assert_no_credentials, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]  # one worker: the wheel and its venv are built once
 
 
 def run(args: list[str], **kw) -> subprocess.CompletedProcess[str]:  # noqa: ANN003
