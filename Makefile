@@ -24,9 +24,11 @@ run: $(VENV)/.installed-run
 	$(PY) manage.py init
 	$(PY) manage.py serve $(if $(PORT),--port $(PORT))
 
-## test: install and run the whole test suite
+## test: install and run the whole test suite. pytest rewrites the asserts of its plugins'
+## ~350 modules in every process; where PYTHONDONTWRITEBYTECODE is set it may never keep the
+## result, which costs each xdist worker ~4 s: the suite keeps it.
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest
 
 ## bench: the per-request cost of authentication; bench-http: the server against its peers
 ## over real sockets (needs wrk); see bench/README.md
