@@ -127,13 +127,28 @@ def load_worker_app(target: str) -> WSGIApp:
     return AccessLog(app)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _hold_stops() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+def _release_stops() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _stop_at_once_until_serving() -> None:
     """In each forked worker: granian sets the worker's stop handler only once the app is
     built, and until then the worker runs the master's handler (inherited by fork), which
     stops nothing: a stop right after start cost the whole grace period. A worker that has
-    served nothing has nothing to lose, so until granian takes over, a stop just exits."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    served nothing has nothing to lose, so until granian takes over, a stop just exits.
+
+    The stop signals are held across the fork (Python drops a signal that reaches a child
+    before its after-fork handlers run), and released once this handler is in place."""
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, _exit_before_serving)
+    _release_stops()
 
 
 def _exit_before_serving(signum: int, frame: Any) -> None:
@@ -210,5 +225,6 @@ def serve(options: ServeOptions, target: str = "api:create_app") -> None:
     )
     if options.metrics_dir is not None:
         clean_directory(options.metrics_dir)  # here, in the master, before any worker starts
-    os.register_at_fork(after_in_child=_stop_at_once_until_serving)
+    os.register_at_fork(before=_hold_stops, after_in_parent=_release_stops,
+                        after_in_child=_stop_at_once_until_serving)
     server.serve(target_loader=load_worker_app)
