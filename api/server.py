@@ -146,9 +146,11 @@ def _stop_at_once_until_serving() -> None:
 
     The stop signals are held across the fork (Python drops a signal that reaches a child
     before its after-fork handlers run), and released once this handler is in place."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, _exit_before_serving)
-    _release_stops()
+    try:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, _exit_before_serving)
+    finally:
+        _release_stops()  # whatever happened: a worker whose stops stay held can't be stopped
 
 
 def _exit_before_serving(signum: int, frame: Any) -> None:
