@@ -31,8 +31,9 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_limits import cpu_seconds, private_redis  # noqa: E402  (bench/ is on sys.path)
-from keys.ratelimit_redis import GCRA_LUA  # noqa: E402
+from bench_limits import cpu_seconds, private_redis  # bench/ is on sys.path
+
+from keys.ratelimit_redis import GCRA_LUA
 
 TARGET = 0.85
 CELLS = ("keygate:rl:key:{AbCdEfGh1234}", "keygate:rl:authfail:{127.0.0.1}")
