@@ -64,7 +64,7 @@ class RateLimits:
         self._on_request(principal)
 
     def _on_request(self, principal: Principal) -> None:
-        environ = request.environ
+        environ = request._get_current_object().environ  # type: ignore[attr-defined]  # ~1 µs less than via the proxy
         guard = self._guard(environ)
         try:
             if guard is None:

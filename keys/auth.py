@@ -274,7 +274,7 @@ class KeyAuth:
             raise refusal from None
         # Only an authorised request gets a principal: after-request hooks, logs and the
         # response see none on a refusal.
-        g.principal = principal
+        g._get_current_object().principal = principal  # ~1 µs less than via the proxy
         req.environ[PRINCIPAL_ENVIRON_KEY] = principal
         return principal
 
