@@ -539,13 +539,50 @@ def test_an_upgrade_to_schema_4_converts_allow_lists_and_keeps_events(store_url)
             conn.execute(sa.text("INSERT INTO audit_events (at, event, key_id, actor, detail) "
                                  "VALUES (1.0, 'create', 'AAAAAAAAAAAA', 'cli:old', '{}')"))
         assert store.schema_version() == 3
-        assert store.migrate() == SCHEMA_VERSION == 5  # 4 converts allow-lists; 5 (the console) too
+        assert store.migrate() == SCHEMA_VERSION == 6  # 4 converts allow-lists; 5 (the console), 6 too
         assert store.get("AAAAAAAAAAAA").allowed_ips == ("10.0.0.0/8", "::1/128")
         zoned = store.get("BBBBBBBBBBBB").allowed_ips
         assert zoned and not any(ip_allowed(zoned, a) for a in ("0.0.0.0", "10.0.0.1", "::"))
         assert [e.actor for e in store.events()] == ["cli:old"]
         columns = {c["name"] for c in sa.inspect(store.engine).get_columns("audit_events")}
         assert columns == {c.name for c in audit_table.columns}
+    finally:
+        store.close()
+
+
+@SQL_ONLY
+def test_an_upgrade_to_schema_6_keeps_every_keys_usage(store_url):
+    """Schema 6 counts usage in ``key_usage``, apart from the keys: what ``api_keys`` counted
+    before (or an instance of the previous release still adds there during a rolling upgrade)
+    still counts, flushes add to it, and an older flush never moves a last use back."""
+    import sqlalchemy as sa
+
+    from conftest import migrate_up_to
+
+    store = open_store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            migrate_up_to(conn, 5)
+            for key_id, count, last in (("USEDUSEDUSED", 41, 1234.5), ("IDLEIDLEIDLE", 0, None)):
+                conn.execute(sa.text(
+                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at, last_used_at, use_count,"
+                    " allowed_ips, generation) VALUES (:id, 'k', :h, 'admin', 1.0, :last, :n, '', 0)"),
+                    {"id": key_id, "h": "0" * 64, "last": last, "n": count})
+        assert store.migrate() == SCHEMA_VERSION == 6
+        used, idle = store.get("USEDUSEDUSED"), store.get("IDLEIDLEIDLE")
+        assert (used.use_count, used.last_used_at) == (41, 1234.5)
+        assert (idle.use_count, idle.last_used_at) == (0, None)
+        store.record_usage({"USEDUSEDUSED": (2000.0, 1), "IDLEIDLEIDLE": (1500.0, 2)})
+        store.record_usage({"USEDUSEDUSED": (1000.0, 1)})  # a flush that was slower to arrive
+        with store.engine.begin() as conn:  # the previous release's flush, during the upgrade
+            conn.execute(sa.text("UPDATE api_keys SET use_count = use_count + 5, last_used_at = 1800.0"
+                                 " WHERE id = 'IDLEIDLEIDLE'"))
+        used, idle = store.get("USEDUSEDUSED"), store.get("IDLEIDLEIDLE")
+        assert (used.use_count, used.last_used_at) == (43, 2000.0)
+        assert (idle.use_count, idle.last_used_at) == (7, 1800.0)
+        assert [(r.id, r.use_count) for r in store.list_keys()] == [("IDLEIDLEIDLE", 7), ("USEDUSEDUSED", 43)]
+        with store.engine.connect() as conn:  # the key table's pages were not written by a flush
+            assert conn.exec_driver_sql("SELECT use_count FROM api_keys WHERE id = 'USEDUSEDUSED'").scalar() == 41
     finally:
         store.close()
 

@@ -184,7 +184,7 @@ def test_a_store_from_before_the_console_is_upgraded_in_place(store_url):
             migrate_up_to(conn, 3)
         assert store.schema_version() == 3
         key = issue_key(store, name="kept", scopes=["data:read"]).record
-        assert store.migrate() == SCHEMA_VERSION == 5
+        assert store.migrate() == SCHEMA_VERSION == 6
         assert store.get(key.id) == key
         store.record_usage({key.id: (time.time(), 1)}, {(key.id, 0): (1, 0, 0)})
         assert store.usage(key.id, 0, 1)[0].accepted == 1

@@ -10,7 +10,7 @@ from typing import Any
 from ..model import AuditEvent, KeyFilter, KeyRecord, SessionRecord, UsageBucket
 
 #: Schema version this code reads and writes; ``migrate()`` brings a store to it.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: ``merge(summary detail so far, or None for the first, one occurrence's detail) -> detail``
 Merge = Callable[[dict[str, Any] | None, dict[str, Any]], dict[str, Any]]

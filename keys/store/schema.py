@@ -38,12 +38,28 @@ keys_table = sa.Table(
     sa.Column("created_at", sa.Double, nullable=False),
     sa.Column("expires_at", sa.Double),
     sa.Column("revoked_at", sa.Double),
+    # Usage before schema 6 (or carried over by an import); what was counted since is in
+    # key_usage, and a key's record is the sum (the latest last use) of both.
     sa.Column("last_used_at", sa.Double),
     sa.Column("use_count", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("rate_limit", sa.String(40)),
     sa.Column("allowed_ips", sa.Text, nullable=False, server_default=""),  # a JSON array (v4)
     sa.Column("replaces", sa.String(16)),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+)
+
+# v6: each key's request count and last use as the usage flushes count them, apart from the
+# keys. A flush writes one row per key used; in this narrow table those rows share a few
+# pages, where in ``api_keys`` each was a page of its own (a flush of 10,000 keys in a
+# 1,000,000-key store rewrote 10,000 pages). A key never used has no row. (SQLite: the
+# primary key is the table, no rowid.)
+usage_totals_table = sa.Table(
+    "key_usage",
+    metadata,
+    sa.Column("key_id", sa.String(16), primary_key=True),
+    sa.Column("use_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("last_used_at", sa.Double),
+    sqlite_with_rowid=False,
 )
 
 
@@ -100,9 +116,9 @@ sessions_table = sa.Table(
 )
 
 
-def _frozen(name: str, *columns: sa.Column[Any] | sa.Index) -> sa.Table:
+def _frozen(name: str, *columns: sa.Column[Any] | sa.Index, **options: Any) -> sa.Table:
     """A table as one migration created it, independent of the live definitions."""
-    return sa.Table(name, sa.MetaData(), *columns)
+    return sa.Table(name, sa.MetaData(), *columns, **options)
 
 
 # -- the tables as each migration created them (frozen: never edit) ------------------
@@ -242,10 +258,24 @@ def _v5(conn: sa.Connection) -> None:
     ).create(conn)
 
 
+def _v6(conn: sa.Connection) -> None:
+    """Usage totals counted apart from the keys (see ``usage_totals_table``). Nothing moves
+    and nothing is dropped: an instance of the previous release, still running during a
+    rolling upgrade, keeps adding to the columns of ``api_keys``, which still count."""
+    _frozen(
+        "key_usage",
+        sa.Column("key_id", sa.String(16), primary_key=True),
+        sa.Column("use_count", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("last_used_at", sa.Double),
+        sqlite_with_rowid=False,
+    ).create(conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "api_keys table", _v1),
     (2, "audit_events and auth_failures tables", _v2),
     (3, "keygate_revision counter for verification caches", _v3),
     (4, "audit summaries and retention index; allow-lists as JSON", _v4),
     (5, "usage_hourly counts and console_sessions", _v5),
+    (6, "key_usage: usage totals apart from the keys", _v6),
 ]

@@ -36,14 +36,28 @@ from .schema import (
     load_networks,
     revision_table,
     schema_table,
+    usage_totals_table,
 )
 from .sql_sessions import SqlSessions
-from .sql_usage import SqlUsage, add_hourly
+from .sql_usage import SqlUsage
 
 _COLUMNS = [c.name for c in keys_table.columns]
 
 
 assert _COLUMNS == list(KeyRecord._fields), "api_keys columns and KeyRecord fields must line up"
+
+_k, _t = keys_table.c, usage_totals_table.c
+# A record: its key's row, with the usage that ``key_usage`` counted since (schema 6) added to
+# what the row itself holds (counted before schema 6, or carried over by an import).
+_RECORDS = sa.select(*[
+    (_k.use_count + sa.func.coalesce(_t.use_count, sa.literal_column("0"))).label(name)
+    if name == "use_count" else
+    sa.case((_t.last_used_at.is_(None), _k.last_used_at),
+            (sa.or_(_k.last_used_at.is_(None), _k.last_used_at < _t.last_used_at), _t.last_used_at),
+            else_=_k.last_used_at).label(name)
+    if name == "last_used_at" else _k[name]
+    for name in _COLUMNS
+]).select_from(keys_table.outerjoin(usage_totals_table, _t.key_id == _k.id))
 
 
 def _row_to_record(row: Any) -> KeyRecord:
@@ -118,7 +132,7 @@ def _revoke(conn: sa.Connection, key_id: str, at: float) -> KeyRecord | None:
     ).rowcount
     if changed:
         _bump_revision(conn)
-    row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
+    row = conn.execute(_RECORDS.where(k.id == key_id)).first()
     return None if row is None else _row_to_record(row)
 
 
@@ -240,7 +254,7 @@ class SqlKeyStore(SqlUsage, SqlSessions, KeyStore):
         self._log_outage = OutageLog()
         self.url = sa_url.render_as_string(hide_password=True)
 
-        stmt = sa.select(keys_table).where(keys_table.c.id == sa.bindparam("key_id"))
+        stmt = _RECORDS.where(keys_table.c.id == sa.bindparam("key_id"))
         compiled = stmt.compile(dialect=self.engine.dialect)
         self._get_sql = str(compiled)
         self._positional = compiled.positional
@@ -400,7 +414,7 @@ class SqlKeyStore(SqlUsage, SqlSessions, KeyStore):
 
     def list_keys(self, *, limit: int | None = None, after: str | None = None,
                   where: KeyFilter | None = None) -> list[KeyRecord]:
-        stmt = sa.select(keys_table).order_by(keys_table.c.id)
+        stmt = _RECORDS.order_by(keys_table.c.id)
         if where is not None:
             stmt = _filtered(stmt, where)
         if after is not None:
@@ -444,7 +458,7 @@ class SqlKeyStore(SqlUsage, SqlSessions, KeyStore):
                 return None
             _bump_revision(conn)
             _insert_event(conn, event)
-            row = conn.execute(sa.select(keys_table).where(k.id == key_id)).first()
+            row = conn.execute(_RECORDS.where(k.id == key_id)).first()
         return None if row is None else _row_to_record(row)
 
     def record_event(self, event: AuditEvent) -> None:
@@ -486,29 +500,6 @@ class SqlKeyStore(SqlUsage, SqlSessions, KeyStore):
                            detail=json.loads(r.detail), id=r.id)
                 for r in conn.execute(stmt)
             ]
-
-    def record_usage(self, usage: Mapping[str, tuple[float, int]],
-                     hourly: Mapping[tuple[str, int], tuple[int, int, int]] | None = None) -> None:
-        if not usage and not hourly:
-            return
-        k = keys_table.c
-        stmt = (
-            keys_table.update()
-            .where(k.id == sa.bindparam("b_id"))
-            .values(
-                use_count=k.use_count + sa.bindparam("b_count"),
-                last_used_at=sa.case(
-                    (k.last_used_at.is_(None), sa.bindparam("b_at")),
-                    (k.last_used_at < sa.bindparam("b_at"), sa.bindparam("b_at")),
-                    else_=k.last_used_at,
-                ),
-            )
-        )
-        rows = [{"b_id": i, "b_at": at, "b_count": n} for i, (at, n) in sorted(usage.items())]
-        with self._write() as conn:
-            if rows:
-                conn.execute(stmt, rows)
-            add_hourly(conn, hourly or {})
 
     def add_auth_failures(self, counts: Mapping[str, int]) -> None:
         if not counts:
