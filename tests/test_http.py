@@ -786,3 +786,29 @@ def test_the_served_document_states_this_servers_token_ttl(apps):
     key = harness.key("data:read")
     assert harness.client.post("/tokens", headers={"API-Key": key}, json={"ttl": 3600}).status_code == 201
     assert harness.client.post("/tokens", headers={"API-Key": key}, json={"ttl": 3601}).status_code == 400
+
+
+def test_no_store_replaces_a_views_own_cache_control(make_app) -> None:  # noqa: ANN001
+    """An authenticated answer is never cacheable, whatever its view said (one header, the
+    strict one); an unauthenticated view keeps its own."""
+    from flask import Response
+
+    store = MemoryKeyStore()
+    app = make_app(store)
+    auth = app.extensions["keygate"].auth
+
+    @app.get("/cached-report")
+    @auth.require("secret:read")
+    def cached_report() -> Response:
+        return Response("{}", headers={"Cache-Control": "public, max-age=600"}, mimetype="application/json")
+
+    @app.get("/cached-public")
+    def cached_public() -> Response:
+        return Response("{}", headers={"cache-control": "public, max-age=600"}, mimetype="application/json")
+
+    key = issue_key(store, name="reader", scopes=["secret:read"]).plaintext
+    client = app.test_client()
+    resp = client.get("/cached-report", headers={"API-Key": key})
+    assert resp.status_code == 200
+    assert resp.headers.getlist("Cache-Control") == ["no-store"]
+    assert client.get("/cached-public").headers.getlist("Cache-Control") == ["public, max-age=600"]
