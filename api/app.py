@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from functools import cached_property
+from types import FunctionType
 from typing import Any
 
 from flask import Flask, Response
@@ -91,6 +93,24 @@ class KeygateFlask(Flask):
         resp.status_code = 204
         resp.headers.pop("Content-Type", None)
         return resp
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        # Flask asks ``inspect`` whether a view or hook is a coroutine function on every call,
+        # twice a request here (~1 µs each); a function's kind never changes. Plain functions
+        # found synchronous are remembered (as many as the app registered); a coroutine
+        # function gets Flask's fresh wrapper every time, as before.
+        if type(func) is not FunctionType:
+            return super().ensure_sync(func)
+        if func in self._sync_functions:
+            return func
+        synced = super().ensure_sync(func)
+        if synced is func:
+            self._sync_functions.add(func)
+        return synced
+
+    @cached_property
+    def _sync_functions(self) -> set[Callable[..., Any]]:
+        return set()
 
 
 #: What a browser may send and read when KEYGATE_CORS_ORIGINS allows its origin.

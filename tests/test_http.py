@@ -812,3 +812,22 @@ def test_no_store_replaces_a_views_own_cache_control(make_app) -> None:  # noqa:
     assert resp.status_code == 200
     assert resp.headers.getlist("Cache-Control") == ["no-store"]
     assert client.get("/cached-public").headers.getlist("Cache-Control") == ["public, max-age=600"]
+
+
+def test_async_and_plain_views_both_answer_every_time(make_app) -> None:  # noqa: ANN001
+    """keygate's app remembers which views are synchronous (a shortcut past Flask's check on
+    every call): an ``async def`` view added to it still runs, request after request."""
+    app = make_app(MemoryKeyStore())
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        return {"kind": "async"}
+
+    @app.get("/quick")
+    def quick() -> dict[str, str]:
+        return {"kind": "plain"}
+
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/slow").get_json() == {"kind": "async"}
+        assert client.get("/quick").get_json() == {"kind": "plain"}
