@@ -18,21 +18,36 @@ _COUNTS = ("accepted", "refused_limit", "refused_scope")
 
 
 class DriverStatement:
-    """A statement SQLAlchemy compiled once, run with the driver's ``executemany``: Core's
-    ``execute(stmt, rows)`` handled each row's parameters in Python, ~20 µs a row here, most
-    of a flush of thousands of keys (bench/README.md)."""
+    """A statement SQLAlchemy compiled once, run with the driver's ``executemany`` on rows of
+    values in the order of ``names``: Core's ``execute(stmt, rows)`` handled each row's
+    parameters in Python, ~20 µs a row here, most of a flush of thousands of keys
+    (bench/README.md)."""
 
-    def __init__(self, stmt: sa.ClauseElement, dialect: sa.Dialect) -> None:
+    def __init__(self, stmt: sa.ClauseElement, dialect: sa.Dialect, names: Sequence[str]) -> None:
         compiled = stmt.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self.sql = str(compiled)
-        self._order = list(compiled.positiontup or ()) if compiled.positional else None
+        self._names = tuple(names)
+        self._positional = bool(compiled.positional)
+        # qmark (SQLite): where the statement's order of parameters differs, rows are reordered.
+        order = [self._names.index(name) for name in compiled.positiontup or ()]
+        self._order = order if self._positional and order != list(range(len(self._names))) else None
 
-    def run_many(self, conn: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+    def run_many(self, conn: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
             return
-        params: Any = rows if self._order is None else [tuple(r[n] for n in self._order) for r in rows]
+        params: Any
+        if not self._positional:
+            params = [dict(zip(self._names, row)) for row in rows]
+        elif self._order is None:
+            params = rows
+        else:
+            params = [tuple(row[i] for i in self._order) for row in rows]
         conn.exec_driver_sql(self.sql, params)
+
+
+_TOTALS = ("key_id", "use_count", "last_used_at")
+_HOURLY = ("key_id", "hour", *_COUNTS)
 
 
 def _upserts(dialect: sa.Dialect) -> tuple[sa.ClauseElement, sa.ClauseElement]:
@@ -40,16 +55,14 @@ def _upserts(dialect: sa.Dialect) -> tuple[sa.ClauseElement, sa.ClauseElement]:
     what is there, so two workers flushing the same key and hour both count."""
     insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
     t = usage_totals_table.c
-    totals = insert(usage_totals_table).values(
-        key_id=sa.bindparam("key_id"), use_count=sa.bindparam("use_count"),
-        last_used_at=sa.bindparam("last_used_at"))
+    totals = insert(usage_totals_table).values({name: sa.bindparam(name) for name in _TOTALS})
     totals = totals.on_conflict_do_update(index_elements=[t.key_id], set_={
         "use_count": t.use_count + totals.excluded.use_count,
         "last_used_at": sa.case((t.last_used_at.is_(None), totals.excluded.last_used_at),
                                 (t.last_used_at < totals.excluded.last_used_at, totals.excluded.last_used_at),
                                 else_=t.last_used_at),
     })
-    hourly = insert(usage_table).values({name: sa.bindparam(name) for name in ("key_id", "hour", *_COUNTS)})
+    hourly = insert(usage_table).values({name: sa.bindparam(name) for name in _HOURLY})
     hourly = hourly.on_conflict_do_update(
         index_elements=[usage_table.c.key_id, usage_table.c.hour],
         set_={name: usage_table.c[name] + hourly.excluded[name] for name in _COUNTS},
@@ -61,7 +74,8 @@ class SqlUsage(SqlAccess):
     @cached_property
     def _usage_writes(self) -> tuple[DriverStatement, DriverStatement]:
         dialect = self.engine.dialect
-        return tuple(DriverStatement(stmt, dialect) for stmt in _upserts(dialect))  # type: ignore[return-value]
+        totals, hourly = _upserts(dialect)
+        return DriverStatement(totals, dialect, _TOTALS), DriverStatement(hourly, dialect, _HOURLY)
 
     def record_usage(self, usage: Mapping[str, tuple[float, int]],
                      hourly: Mapping[tuple[str, int], tuple[int, int, int]] | None = None) -> None:
@@ -69,10 +83,8 @@ class SqlUsage(SqlAccess):
             return
         totals, hours = self._usage_writes
         # Sorted: two workers' flushes take row locks (PostgreSQL) in the same order.
-        total_rows = [{"key_id": key_id, "use_count": n, "last_used_at": at}
-                      for key_id, (at, n) in sorted(usage.items())]
-        hour_rows = [{"key_id": key_id, "hour": hour, **dict(zip(_COUNTS, counts))}
-                     for (key_id, hour), counts in sorted((hourly or {}).items())]
+        total_rows = [(key_id, n, at) for key_id, (at, n) in sorted(usage.items())]
+        hour_rows = [(key_id, hour, *counts) for (key_id, hour), counts in sorted((hourly or {}).items())]
         with self._write() as conn:
             totals.run_many(conn, total_rows)
             hours.run_many(conn, hour_rows)
