@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -24,8 +24,7 @@ class DriverStatement:
     (bench/README.md)."""
 
     def __init__(self, stmt: sa.ClauseElement, dialect: sa.Dialect, names: Sequence[str]) -> None:
-        compiled = stmt.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
+        compiled = cast(SQLCompiler, stmt.compile(dialect=dialect))  # a DML statement's is
         self.sql = str(compiled)
         self._names = tuple(names)
         self._positional = bool(compiled.positional)
