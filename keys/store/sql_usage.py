@@ -28,20 +28,13 @@ class DriverStatement:
         self.sql = str(compiled)
         self._names = tuple(names)
         self._positional = bool(compiled.positional)
-        # qmark (SQLite): where the statement's order of parameters differs, rows are reordered.
-        order = [self._names.index(name) for name in compiled.positiontup or ()]
-        self._order = order if self._positional and order != list(range(len(self._names))) else None
+        if self._positional and tuple(compiled.positiontup or ()) != self._names:
+            raise ValueError(f"the statement takes {compiled.positiontup}, not {self._names}")
 
     def run_many(self, conn: sa.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
         if not rows:
             return
-        params: Any
-        if not self._positional:
-            params = [dict(zip(self._names, row)) for row in rows]
-        elif self._order is None:
-            params = rows
-        else:
-            params = [tuple(row[i] for i in self._order) for row in rows]
+        params = rows if self._positional else [dict(zip(self._names, row)) for row in rows]
         conn.exec_driver_sql(self.sql, params)
 
 
