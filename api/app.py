@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from types import FunctionType
+from types import FunctionType, MethodType
 from typing import Any
 
 from flask import Flask, Response
@@ -97,15 +97,16 @@ class KeygateFlask(Flask):
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
         # Flask asks ``inspect`` whether a view or hook is a coroutine function on every call,
         # twice a request here (~1 µs each); a function's kind never changes. Plain functions
-        # found synchronous are remembered (as many as the app registered); a coroutine
-        # function gets Flask's fresh wrapper every time, as before.
-        if type(func) is not FunctionType:
+        # (and those of bound methods) found synchronous are remembered, as many as the app
+        # registered; a coroutine function gets Flask's fresh wrapper every time, as before.
+        code = func.__func__ if type(func) is MethodType else func
+        if type(code) is not FunctionType:
             return super().ensure_sync(func)
-        if func in self._sync_functions:
+        if code in self._sync_functions:
             return func
         synced = super().ensure_sync(func)
         if synced is func:
-            self._sync_functions.add(func)
+            self._sync_functions.add(code)
         return synced
 
     @cached_property

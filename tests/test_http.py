@@ -815,19 +815,33 @@ def test_no_store_replaces_a_views_own_cache_control(make_app) -> None:  # noqa:
 
 
 def test_async_and_plain_views_both_answer_every_time(make_app) -> None:  # noqa: ANN001
-    """keygate's app remembers which views are synchronous (a shortcut past Flask's check on
-    every call): an ``async def`` view added to it still runs, request after request."""
+    """keygate's app remembers which views and hooks are synchronous (a shortcut past Flask's
+    check on every call): ``async def`` views and hooks added to it (functions and bound
+    methods alike) still run, request after request."""
+    from flask import g
+
     app = make_app(MemoryKeyStore())
 
+    class Hooks:
+        def plain(self) -> None:
+            g.seen = [*g.get("seen", []), "plain"]
+
+        async def coroutine(self) -> None:
+            g.seen = [*g.get("seen", []), "async"]
+
+    hooks = Hooks()
+    app.before_request(hooks.plain)
+    app.before_request(hooks.coroutine)
+
     @app.get("/slow")
-    async def slow() -> dict[str, str]:
-        return {"kind": "async"}
+    async def slow() -> dict[str, object]:
+        return {"kind": "async", "hooks": g.seen}
 
     @app.get("/quick")
-    def quick() -> dict[str, str]:
-        return {"kind": "plain"}
+    def quick() -> dict[str, object]:
+        return {"kind": "plain", "hooks": g.seen}
 
     client = app.test_client()
     for _ in range(3):
-        assert client.get("/slow").get_json() == {"kind": "async"}
-        assert client.get("/quick").get_json() == {"kind": "plain"}
+        assert client.get("/slow").get_json() == {"kind": "async", "hooks": ["plain", "async"]}
+        assert client.get("/quick").get_json() == {"kind": "plain", "hooks": ["plain", "async"]}
