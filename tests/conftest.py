@@ -349,7 +349,8 @@ class Server:
         if self.proc.poll() is None:  # the access log is written out in batches: wait for the last one
             from api.accesslog import ACCESS_LOG_INTERVAL
 
-            time.sleep(ACCESS_LOG_INTERVAL + 0.15)
+            # A request's record waits up to half the interval, its line up to the interval.
+            time.sleep(ACCESS_LOG_INTERVAL * 1.5 + 0.15)
         if not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
