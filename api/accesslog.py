@@ -65,6 +65,8 @@ class AccessLog:
 
     #: Requests noted before their records are written (a request pays for the run).
     BATCH = 64
+    #: Requests noted at most while another thread writes.
+    MAX_PENDING = 16 * BATCH
 
     def __init__(self, app: WSGIApp, logger: logging.Logger = log, interval: float = ACCESS_LOG_INTERVAL) -> None:
         self.app = app
@@ -106,7 +108,10 @@ class AccessLog:
                         principal.key_id if principal is not None else None,
                         environ.get(REQUEST_ID_KEY), environ.get(ROUTE_KEY)))
         if len(pending) >= self.BATCH or created - self._oldest >= self.wait:
-            self.write_pending(blocking=False)
+            # Behind a writer stuck on a full stdout, requests wait for it once this many are
+            # noted, as they did when each wrote its own line: a stalled log is backpressure,
+            # never unbounded memory.
+            self.write_pending(blocking=len(pending) >= self.MAX_PENDING)
         elif not self._flusher:
             self._flusher = True
             threading.Thread(target=self._write_later, name="access-records", daemon=True).start()

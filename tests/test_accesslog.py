@@ -127,3 +127,42 @@ def test_a_record_that_cannot_be_built_costs_neither_the_response_nor_the_others
         flush_access_logs()
     assert [r.access["path"] for r in handler.records] == ["/before", "/after"]
     assert "could not be written" in caplog.text
+
+
+def test_a_stalled_log_holds_requests_back_instead_of_piling_them_up(logged) -> None:
+    """A handler stuck on a full stdout: the other threads note at most MAX_PENDING requests,
+    then wait for it, as they did when each wrote its own line; nothing is lost."""
+    logger, handler = logged
+    release = threading.Event()
+    stuck = threading.Event()
+
+    class Stalled(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            stuck.set()
+            release.wait(10)
+
+    stalled = Stalled()
+    logger.addHandler(stalled)
+    wsgi = AccessLog(app, logger, interval=60)
+    threads, per_thread, most = 4, AccessLog.MAX_PENDING, 0
+
+    def serve(t: int) -> None:
+        for n in range(per_thread):
+            call(wsgi, f"/t{t}/{n}")
+
+    workers = [threading.Thread(target=serve, args=(t,), daemon=True) for t in range(threads)]
+    for w in workers:
+        w.start()
+    assert stuck.wait(10)
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:
+        most = max(most, len(wsgi._pending))
+        time.sleep(0.005)
+    assert most <= AccessLog.MAX_PENDING + threads
+    assert any(w.is_alive() for w in workers)  # held back, not piling up
+    release.set()
+    for w in workers:
+        w.join(20)
+    logger.removeHandler(stalled)
+    flush_access_logs()
+    assert len(handler.records) == threads * per_thread
