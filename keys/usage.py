@@ -43,6 +43,9 @@ class UsageRecorder:
         self._hourly: dict[tuple[str, int], list[int]] = {}  # (key_id, hour start) -> counts
         self._failures: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # Held for a whole flush: the last one (``close``) waits for one the flusher thread has
+        # under way, whose counts would die with the process if that ended it mid-write.
+        self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None  # the flusher, started by the first count
         self._stop = threading.Event()  # one per flusher thread
         self._atexit_registered = False
@@ -109,6 +112,10 @@ class UsageRecorder:
 
     def flush(self) -> None:
         """Write what has accumulated; on failure keep it for the next try."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             usage, self._usage = self._usage, {}
             hourly, self._hourly = self._hourly, {}
@@ -184,6 +191,7 @@ class UsageRecorder:
         # A forked child has no flusher thread, a lock possibly held by one, and the
         # parent's pending counts (the parent writes those): start clean.
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._thread = None
         self._usage, self._hourly, self._failures = {}, {}, Counter()
 
