@@ -6,6 +6,8 @@ same two cores that run redis-server. Everything Redis adds to a request (the wo
 of the round trip and redis-server's) must then fit in ``cost / 0.85 - cost`` of the embedded
 setup's CPU per request. This prints, per command and measured in the same run:
 
+* the floor: a ``GET``'s bytes sent and its answer read on a plain blocking socket, no client
+  library (what no Python client can go below);
 * wall time, the caller's CPU and redis-server's CPU, for a plain ``GET``, an ``EVALSHA`` of
   a script that does nothing, and keygate's GCRA script as a request runs it (``hit_unless``,
   two cells), one command per round trip;
@@ -22,6 +24,7 @@ bench/README.md); the budget line uses it.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
 import time
@@ -80,8 +83,20 @@ def main(argv: list[str] | None = None) -> int:
                         conn.read_response()
             return send
 
+        # The floor under any client library: the same GET's bytes on a plain blocking socket.
+        host, port = conn.host, conn.port
+        raw = socket.create_connection((host, port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        get = conn.pack_command("GET", "bench:nothing")[0]
+
+        def raw_socket(count: int) -> None:
+            for _ in range(count):
+                raw.sendall(get)
+                raw.recv(512)
+
         hit_unless = ("EVALSHA", gcra, 2, *CELLS, *GCRA_ARGS)
         series = [
+            ("GET, raw socket (no client library)", raw_socket),
             ("GET, one per round trip", one_at_a_time("GET", "bench:nothing")),
             ("EVALSHA 'return 1', one per round trip", one_at_a_time("EVALSHA", nothing, 0)),
             ("GCRA hit_unless, one per round trip", one_at_a_time(*hit_unless)),
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, send in series:
             wall, caller, server = measure(send, n, pid)
             print(f"{label:42s} {wall:8.1f} {caller:11.1f} {server:10.1f} {caller + server:10.1f}")
+        raw.close()
         conn.disconnect()
         client.close()
 
