@@ -13,7 +13,6 @@ non-ASCII character escaped so a request can't forge a line) or as one JSON obje
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from keys.auth import PRINCIPAL_ENVIRON_KEY
+from keys.forking import after_fork_in_child
 from keys.redact import redact, redact_query
 
 from .instrument import REQUEST_ID_KEY, ROUTE_KEY
@@ -36,10 +36,10 @@ ACCESS_LOG_INTERVAL = 0.25
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-# What a log line can't hold as it is: controls, quotes, backslashes, anything not ASCII.
 #: Every access log of this process, for ``flush_access_logs``.
 _access_logs: weakref.WeakSet[AccessLog] = weakref.WeakSet()
 
+# What a log line can't hold as it is: controls, quotes, backslashes, anything not ASCII.
 _UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
@@ -78,7 +78,7 @@ class AccessLog:
         self._writing = threading.Lock()  # one run at a time, so lines keep their order
         self._flusher = False  # a thread of this process writes out what a quiet spell leaves
         _access_logs.add(self)
-        os.register_at_fork(after_in_child=self._forked)
+        after_fork_in_child(self._forked)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         created = time.time()
@@ -114,7 +114,8 @@ class AccessLog:
             self.write_pending(blocking=len(pending) >= self.MAX_PENDING)
         elif not self._flusher:
             self._flusher = True
-            threading.Thread(target=self._write_later, name="access-records", daemon=True).start()
+            threading.Thread(target=_write_records_later, args=(weakref.ref(self), self.wait),
+                             name="access-records", daemon=True).start()
 
     def write_pending(self, blocking: bool = True) -> None:
         """Hand every noted request's record to logging. Without ``blocking``, a thread that
@@ -138,15 +139,6 @@ class AccessLog:
                     logging.getLogger("keygate").exception("an access log record could not be written")
         finally:
             self._writing.release()
-
-    def _write_later(self) -> None:
-        """A quiet spell's requests: written within ``wait`` seconds, lines and all."""
-        while True:
-            time.sleep(self.wait)
-            if self._pending:
-                self.write_pending()
-                for handler in self.logger.handlers:
-                    handler.flush()
 
     def _forked(self) -> None:
         self._pending, self._flusher = deque(), False  # the parent's requests and thread are not the child's
@@ -227,7 +219,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._lines: list[str] = []
         self._written = 0.0
         self._flusher = False  # a thread of this process writes out what a quiet spell leaves
-        os.register_at_fork(after_in_child=self._forked)
+        after_fork_in_child(self._forked)
 
     def emit(self, record: logging.LogRecord) -> None:  # called with the handler's lock held
         try:
@@ -240,7 +232,8 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_out(now)
         elif not self._flusher:
             self._flusher = True
-            threading.Thread(target=self._write_later, name="access-log", daemon=True).start()
+            threading.Thread(target=_write_lines_later, args=(weakref.ref(self), self.interval),
+                             name="access-log", daemon=True).start()
 
     def _forked(self) -> None:
         self._flusher = False  # the parent's thread is not in the child
@@ -263,15 +256,38 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 logging.raiseExceptions and logging.Handler.handleError(self, None)  # type: ignore[arg-type, func-returns-value]
         super().flush()
 
-    def _write_later(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            if self._lines:
-                self.flush()
-
     def close(self) -> None:
         self.flush()
         super().close()
+
+
+# The two writer threads hold their object weakly: a dropped access log or handler (tests
+# make many) takes its thread with it, where a bound method kept both alive for good.
+
+
+def _write_records_later(ref: weakref.ref[AccessLog], wait: float) -> None:
+    """A quiet spell's requests: written within ``wait`` seconds, lines and all."""
+    while True:
+        time.sleep(wait)
+        access_log = ref()
+        if access_log is None:
+            return
+        if access_log._pending:
+            access_log.write_pending()
+            for handler in access_log.logger.handlers:
+                handler.flush()
+        del access_log
+
+
+def _write_lines_later(ref: weakref.ref[BatchedStreamHandler], interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        handler = ref()
+        if handler is None:
+            return
+        if handler._lines:
+            handler.flush()
+        del handler
 
 
 def flush_access_logs() -> None:

@@ -117,14 +117,22 @@ def load_worker_app(target: str) -> WSGIApp:
         # granian's workers are multiprocessing processes, which end with os._exit(), past
         # atexit; multiprocessing's own finalizers still run once the worker has drained.
         multiprocessing.util.Finalize(None, close, exitpriority=10)
-    multiprocessing.util.Finalize(None, flush_access_logs, exitpriority=1)  # after the app's close
     for name in [n for n in os.environ if n.startswith(_SECRET_ENV_PREFIX)]:
         del os.environ[name]
     # What the app built at start-up lives as long as the worker: out of the collector's
     # sight, so the full collections that a request's garbage triggers don't walk it again.
     gc.collect()
     gc.freeze()
-    return AccessLog(app)
+    access_log = AccessLog(app)
+    # After the app's close. The finalizer holds the access log: granian lets go of the app
+    # before finalizers run, and the worker's last requests must still be written.
+    multiprocessing.util.Finalize(None, _write_access_log, args=(access_log,), exitpriority=1)
+    return access_log
+
+
+def _write_access_log(access_log: AccessLog) -> None:
+    access_log.write_pending()
+    flush_access_logs()
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -166,3 +166,31 @@ def test_a_stalled_log_holds_requests_back_instead_of_piling_them_up(logged) -> 
     logger.removeHandler(stalled)
     flush_access_logs()
     assert len(handler.records) == threads * per_thread
+
+
+def test_a_dropped_access_log_and_handler_take_their_writer_threads_with_them(logged) -> None:
+    import gc
+    import io
+    import weakref
+
+    from api.accesslog import BatchedStreamHandler
+
+    logger, _ = logged
+    before = set(threading.enumerate())
+    wsgi = AccessLog(app, logger, interval=0.02)
+    handler = BatchedStreamHandler(io.StringIO(), interval=0.2)
+    logger.addHandler(handler)
+    call(wsgi, "/")  # starts the access log's quiet-spell writer
+    logger.info("one")
+    logger.info("two")  # within the handler's interval: starts its writer
+    writers = set(threading.enumerate()) - before
+    assert {t.name for t in writers} == {"access-records", "access-log"}
+    logger.removeHandler(handler)
+    refs = weakref.ref(wsgi), weakref.ref(handler)
+    del wsgi, handler
+    gc.collect()
+    assert [r() for r in refs] == [None, None]  # the fork hooks and the threads held them weakly
+    deadline = time.monotonic() + 2
+    while any(t.is_alive() for t in writers):
+        assert time.monotonic() < deadline, "a writer thread outlived its object"
+        time.sleep(0.02)
