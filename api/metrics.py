@@ -95,6 +95,9 @@ class Metrics:
         self._files = {kind: _private_mmap(self.directory / f"{prefix}_{ident}.db")
                        for kind, prefix in _FILE_OF_TYPE.items()}
         self._lock = threading.Lock()
+        # Held for a whole flush: ``close`` waits for one the flusher thread has under way,
+        # which would otherwise find the files closed and drop the requests it had taken.
+        self._flushing = threading.Lock()
         self._cells: dict[tuple[str, str, tuple[str, ...]], list[Any]] = {}
         self._histograms: dict[tuple[str, tuple[str, ...]], tuple[list[Any], list[list[Any]]]] = {}
         self._requests: dict[tuple[str, str, int], tuple[list[Any], list[Any], list[list[Any]]]] = {}
@@ -165,6 +168,10 @@ class Metrics:
     def flush(self) -> None:
         """Write the requests queued since the last flush into this process's files: every
         ``FLUSH_INTERVAL`` seconds, before this process answers a scrape, and at exit."""
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         totals: dict[tuple[str, str, int], list[Any]] = {}
         queue, bounds = self._queue, self._bounds
         try:

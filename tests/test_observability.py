@@ -374,3 +374,36 @@ def test_the_metrics_directory_lives_in_the_instance_path(mem, tmp_path: Path) -
     directory = app.extensions["keygate.metrics"].directory
     assert directory.parent.parent == tmp_path and directory.name == "metrics"
     assert sorted(p.name.split("_")[0] for p in directory.glob("*.db")) == ["counter", "gauge", "histogram"]
+
+
+def test_close_waits_for_a_metrics_flush_under_way(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    from api.metrics import Metrics
+
+    metrics = Metrics(tmp_path / "metrics")
+    for _ in range(50):
+        metrics.observe_request("/secret", "GET", 200, 0.001)
+    histogram, entered, release = metrics._histogram, threading.Event(), threading.Event()
+
+    def slow_histogram(*args: object) -> object:  # the flusher thread, stalled between taking and writing
+        entered.set()
+        release.wait(5)
+        return histogram(*args)
+
+    metrics._histogram = slow_histogram
+    flusher = threading.Thread(target=metrics.flush)
+    flusher.start()
+    assert entered.wait(5)
+    closer = threading.Thread(target=metrics.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waits for the flush it found under way
+    release.set()
+    flusher.join(5)
+    closer.join(5)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path / "metrics"))
+    text = generate_latest(registry).decode()
+    assert value(text, "keygate_requests_total", route="/secret", method="GET", status="200") == 50
