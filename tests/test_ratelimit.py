@@ -286,7 +286,7 @@ def test_the_table_file_names_its_layout(tmp_path):
     """open_limiter's file carries the layout version in its name, so two keygate versions
     on one host never even compete for one file."""
     lim = open_limiter(None, tmp_path)
-    assert lim.path.name == "ratelimits-0002.mmap"
+    assert lim.path.name == "ratelimits-0003.mmap"
     lim.close()
 
 
@@ -298,6 +298,62 @@ def test_shared_memory_survives_a_worker_restart(tmp_path):
     again = SharedMemoryLimiter(path)  # a restarted worker must not get a fresh quota
     assert not again.hit("restartkey01", limit).allowed
     again.close()
+
+
+def test_a_guard_spent_by_another_process_refuses_here_at_once(tmp_path):
+    """A key's hit reads its address's guard only while some guard is ahead of now (the
+    table's header says so): a guard spent through another open table (another worker)
+    must still refuse this process's very next hit, and stop doing so once it is paid off."""
+    from keys.ratelimit import Counter as Guarded
+
+    path, key_limit = tmp_path / "ratelimits.mmap", RateLimit(1000, "minute")
+    guard = Guarded("198.51.100.9", RateLimit(3, "minute"), "authfail")
+    bystander = Guarded("203.0.113.5", RateLimit(3, "minute"), "authfail")
+    here, worker = SharedMemoryLimiter(path), SharedMemoryLimiter(path)
+    t0 = 1_000_000.0
+    throttled, counted = here.hit_unless("guardkey0001", key_limit, guard, now=t0)
+    assert throttled is None and counted.remaining == 999  # nothing spent anywhere: passes, counted
+    for _ in range(3):  # three refused credentials from the address, counted by the other worker
+        assert worker.hit(guard.name, guard.limit, now=t0, namespace=guard.namespace).allowed
+    throttled, counted = here.hit_unless("guardkey0001", key_limit, guard, now=t0 + 1)
+    assert counted is None and throttled is not None and not throttled.allowed
+    assert throttled.retry_after == 19  # the guard's next one comes back 20 s after t0
+    assert here.hit_unless("guardkey0001", key_limit, bystander, now=t0 + 1)[0] is None  # others pass
+    assert here.hit_unless("guardkey0001", key_limit, guard, now=t0 + 20)[0] is None  # paid off
+    assert here.hit_unless("guardkey0001", key_limit, guard, now=t0 + 61)[0] is None  # all cold again
+    here.close()
+    worker.close()
+
+
+def test_junk_in_the_guard_field_only_costs_a_read(tmp_path):
+    """A header whose guard field holds junk (NaN, a far future) never lets a spent guard
+    through: the guard is read as if some were ahead, and NaN is replaced at the next write."""
+    import mmap
+    import struct
+
+    from keys.ratelimit import Counter as Guarded
+
+    path, key_limit = tmp_path / "ratelimits.mmap", RateLimit(1000, "minute")
+    guard = Guarded("198.51.100.9", RateLimit(1, "minute"), "authfail")
+    lim = SharedMemoryLimiter(path)
+    t0 = 1_000_000.0
+
+    def field(value: float | None = None) -> float:
+        with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            if value is not None:
+                m[16:24] = struct.pack("<d", value)
+            return struct.unpack("<d", m[16:24])[0]
+
+    assert lim.hit(guard.name, guard.limit, now=t0, namespace=guard.namespace).allowed  # spent
+    field(float("nan"))
+    assert not lim.hit_unless("junkkey00001", key_limit, guard, now=t0 + 1)[0].allowed
+    assert lim.hit(guard.name, guard.limit, now=t0 + 61, namespace=guard.namespace).allowed
+    assert field() == t0 + 121  # the NaN replaced by the guard's TAT
+    field(1e300)
+    bystander = Guarded("203.0.113.5", RateLimit(1, "minute"), "authfail")
+    assert lim.hit_unless("junkkey00001", key_limit, bystander, now=t0 + 62)[0] is None
+    assert not lim.hit_unless("junkkey00001", key_limit, guard, now=t0 + 62)[0].allowed
+    lim.close()
 
 
 def test_a_full_table_never_wrongly_refuses(tmp_path):
