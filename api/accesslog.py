@@ -114,7 +114,7 @@ class AccessLog:
             self.write_pending(blocking=len(pending) >= self.MAX_PENDING)
         elif not self._flusher:
             self._flusher = True
-            threading.Thread(target=_write_records_later, args=(weakref.ref(self), self.wait),
+            threading.Thread(target=_write_later, args=(weakref.ref(self), self.wait),
                              name="access-records", daemon=True).start()
 
     def write_pending(self, blocking: bool = True) -> None:
@@ -139,6 +139,13 @@ class AccessLog:
                     logging.getLogger("keygate").exception("an access log record could not be written")
         finally:
             self._writing.release()
+
+    def write_quiet_spell(self) -> None:
+        """A quiet spell's requests: written within ``wait`` seconds, lines and all."""
+        if self._pending:
+            self.write_pending()
+            for handler in self.logger.handlers:
+                handler.flush()
 
     def _forked(self) -> None:
         self._pending, self._flusher = deque(), False  # the parent's requests and thread are not the child's
@@ -232,7 +239,7 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_out(now)
         elif not self._flusher:
             self._flusher = True
-            threading.Thread(target=_write_lines_later, args=(weakref.ref(self), self.interval),
+            threading.Thread(target=_write_later, args=(weakref.ref(self), self.interval),
                              name="access-log", daemon=True).start()
 
     def _forked(self) -> None:
@@ -256,38 +263,26 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 logging.raiseExceptions and logging.Handler.handleError(self, None)  # type: ignore[arg-type, func-returns-value]
         super().flush()
 
+    def write_quiet_spell(self) -> None:
+        if self._lines:
+            self.flush()
+
     def close(self) -> None:
         self.flush()
         super().close()
 
 
-# The two writer threads hold their object weakly: a dropped access log or handler (tests
-# make many) takes its thread with it, where a bound method kept both alive for good.
-
-
-def _write_records_later(ref: weakref.ref[AccessLog], wait: float) -> None:
-    """A quiet spell's requests: written within ``wait`` seconds, lines and all."""
-    while True:
-        time.sleep(wait)
-        access_log = ref()
-        if access_log is None:
-            return
-        if access_log._pending:
-            access_log.write_pending()
-            for handler in access_log.logger.handlers:
-                handler.flush()
-        del access_log
-
-
-def _write_lines_later(ref: weakref.ref[BatchedStreamHandler], interval: float) -> None:
+def _write_later(ref: weakref.ref[AccessLog] | weakref.ref[BatchedStreamHandler], interval: float) -> None:
+    """A writer thread: what a quiet spell leaves, written every ``interval`` seconds. It
+    holds its object weakly, so a dropped access log or handler (tests make many) takes its
+    thread with it, where a bound method kept both alive for good."""
     while True:
         time.sleep(interval)
-        handler = ref()
-        if handler is None:
+        owner = ref()
+        if owner is None:
             return
-        if handler._lines:
-            handler.flush()
-        del handler
+        owner.write_quiet_spell()
+        del owner
 
 
 def flush_access_logs() -> None:
