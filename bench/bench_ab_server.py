@@ -24,7 +24,6 @@ import json
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -43,20 +42,10 @@ def start(tree: Path, name: str, work: Path, extra_env: dict[str, str]) -> tuple
     """``serve --workers 2`` from ``tree`` on a store of its own, and the key to send it."""
     env = bh.keygate_env(work / name, f"sqlite:///{work / name / 'keygate.db'}")
     env.update(PYTHONPATH=str(tree), **extra_env)
-
-    def cli(*args: str) -> str:
-        out = subprocess.run([bh.PY, str(tree / "manage.py"), *args], env=env, cwd=tree,
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-            raise SystemExit(f"{name}: manage.py {args[0]} failed: {out.stderr.strip()}")
-        return out.stdout
-
-    cli("init", "--no-admin-key")
-    key = json.loads(cli("create-key", "--name", "ab", "--scope", "secret:read", "--rate-limit", bh.HUGE_LIMIT,
-                         "--json"))["key"]
-    port = bh.free_port()
-    argv = [bh.PY, str(tree / "manage.py"), "serve", "--port", str(port), "--workers", str(bh.WORKERS)]
-    return bh.start(name, argv, env, port, work), key
+    bh.cli(env, "init", "--no-admin-key", root=tree)
+    key = json.loads(bh.cli(env, "create-key", "--name", "ab", "--scope", "secret:read",
+                            "--rate-limit", bh.HUGE_LIMIT, "--json", root=tree))["key"]
+    return bh.serve_keygate(name, env, work, root=tree), key
 
 
 def main(argv: list[str] | None = None) -> int:

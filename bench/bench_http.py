@@ -130,17 +130,18 @@ def keygate_env(instance: Path, database_url: str) -> dict[str, str]:
     return env
 
 
-def cli(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run([PY, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT,
+def cli(env: dict[str, str], *args: str, root: Path = ROOT) -> str:
+    """``manage.py`` of ``root`` (this checkout, or another tree: bench_ab_server.py)."""
+    out = subprocess.run([PY, str(root / "manage.py"), *args], env=env, cwd=root,
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"manage.py {' '.join(args)} failed: {out.stderr}")
     return out.stdout
 
 
-def serve_keygate(name: str, env: dict[str, str], workdir: Path) -> Server:
+def serve_keygate(name: str, env: dict[str, str], workdir: Path, root: Path = ROOT) -> Server:
     port = free_port()
-    return start(name, [PY, str(ROOT / "manage.py"), "serve", "--port", str(port),
+    return start(name, [PY, str(root / "manage.py"), "serve", "--port", str(port),
                         "--workers", str(WORKERS)], env, port, workdir)
 
 
